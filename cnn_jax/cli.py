@@ -1,0 +1,762 @@
+"""The `cnn-jax` command line (also `python -m cnn_jax`): a thin layer over the library.
+
+Every subcommand parses its arguments, calls library functions and prints the results; nothing
+else in the package prints. Heavy modules (the training engine, tensorflow, orbax) are imported
+inside the subcommands, so `cnn-jax --help` and `cnn-jax summary` start quickly.
+
+Errors a user can cause (`CnnJaxError`, a missing or unreadable file) are printed as one
+paragraph prefixed `cnn-jax: error:` and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from cnn_jax.errors import CheckpointError, CnnJaxError, ConfigError, DataError
+
+PROG = "cnn-jax"
+USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+MAX_FEATURE_MAP_LAYERS = 8
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _out(*lines: str) -> None:
+    for line in lines:
+        print(line, flush=True)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected H,W,C as three positive integers, got {text!r}")
+    return shape
+
+
+def _checkpoint(text: str) -> str | int:
+    if text in ("latest", "best"):
+        return text
+    try:
+        step = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'latest', 'best' or a step number, got {text!r}"
+        ) from None
+    if step < 0:
+        raise argparse.ArgumentTypeError(f"a checkpoint step must be >= 0, got {text!r}")
+    return step
+
+
+def _existing_workdir(workdir: str | Path, experiment: str | None = None) -> Path:
+    path = Path(workdir)
+    if not path.is_dir():
+        hint = f"; train one with: {PROG} train {experiment or 'EXPERIMENT'} --workdir {path}"
+        raise CheckpointError(f"workdir {str(path)!r} does not exist{hint}")
+    return path
+
+
+def _resolve_config(experiment: str, overrides: list[str]):
+    from cnn_jax import config as config_lib
+
+    config = config_lib.load_config(experiment)
+    config = config_lib.apply_overrides(config, overrides)
+    return config_lib.validate_config(config)
+
+
+def _default_workdir(experiment: str) -> Path:
+    return Path("checkpoints") / Path(experiment).stem
+
+
+def _format_config(config) -> list[str]:
+    """One line per section: `train: batch_size=32 num_epochs=30 ...`."""
+    lines, scalars = [], []
+    for key, value in sorted(config.to_dict().items()):
+        if isinstance(value, dict):
+            items = " ".join(f"{k}={_compact(v)}" for k, v in sorted(_flatten(value).items()))
+            lines.append(f"  {key}: {items}")
+        else:
+            scalars.append(f"{key}={_compact(value)}")
+    return ["config: " + " ".join(scalars), *lines]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value) if value == "" or " " in value else value
+    if isinstance(value, float):
+        return f"{value:g}"
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def _percent(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * float(x):.2f}%"
+
+
+def _data_kwargs(config) -> dict:
+    return {"data_dir": config.dataset.data_dir or None}
+
+
+# ----------------------------------------------------------------------------------------------
+# train
+# ----------------------------------------------------------------------------------------------
+
+
+def _make_reporter(header=None):
+    """A `Reporter` that draws a tqdm progress bar and prints evaluation results.
+
+    header(info) -> str, if given, is printed when training starts."""
+    from tqdm.auto import tqdm
+
+    from cnn_jax.train.reporting import Reporter
+
+    class TqdmReporter(Reporter):
+        def __init__(self):
+            self.bar = None
+            self.info: dict = {}
+
+        def on_start(self, info: dict) -> None:
+            self.info = dict(info)
+            if header is not None:
+                _out(header(info))
+            self.bar = tqdm(
+                total=info.get("total_steps"),
+                initial=info.get("start_step", 0) or 0,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
+
+        def on_train_step(self, step: int, total_steps: int, metrics: dict) -> None:
+            if self.bar is None:
+                return
+            if self.bar.total != total_steps:
+                self.bar.total = total_steps
+            self.bar.update(max(0, step - self.bar.n))
+            shown = {k: f"{float(v):.4f}" for k, v in metrics.items() if k in ("loss", "accuracy")}
+            if shown:
+                self.bar.set_postfix(shown, refresh=False)
+
+        def on_eval(self, step: int, metrics: dict) -> None:
+            epoch = metrics.get("epoch")
+            where = f"epoch {epoch:g}" if isinstance(epoch, (int, float)) else f"step {step}"
+            text = " ".join(
+                f"{k} {_percent(v) if 'accuracy' in k else f'{float(v):.4f}'}"
+                for k, v in metrics.items()
+                if isinstance(v, (int, float)) and k not in ("epoch", "step")
+            )
+            message = f"eval {where}: {text}"
+            if self.bar is not None:
+                self.bar.write(message, file=sys.stderr)
+            else:
+                print(message, file=sys.stderr)
+
+        def on_end(self, results: dict) -> None:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return TqdmReporter()
+
+
+def _summary_line(config, info: dict) -> str:
+    """`model lenet5: 61,706 parameters, input 32x32x1, 10 classes` from the engine's start info
+    or, where it says less, from the model itself."""
+    num_params, shape, classes = info.get("num_params"), info.get("input_shape"), None
+    if num_params is None or shape is None:
+        num_params, shape, classes = _model_facts(config)
+    classes = info.get("num_classes", classes)
+    text = (
+        f"model {config.model.name}: {num_params:,} parameters, input {'x'.join(map(str, shape))}"
+    )
+    return text + (f", {classes} classes" if classes else "")
+
+
+def _model_facts(config) -> tuple[int, tuple[int, ...], int]:
+    """(parameter count, input shape H,W,C, class count) of the configured model, without
+    computing anything (shapes only)."""
+    import jax
+    import jax.numpy as jnp
+
+    from cnn_jax.data import get_dataset_info
+    from cnn_jax.models import get_model
+    from cnn_jax.models.summary import count_params
+
+    info = get_dataset_info(config.dataset.name)
+    h, w, c = info.image_shape
+    if config.dataset.image_size:
+        h = w = config.dataset.image_size
+    classes = len(config.dataset.classes) or info.num_classes
+    model = get_model(config.model.name, num_classes=classes, **config.model.options.to_dict())
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, h, w, c)), train=False)
+    )
+    return count_params(variables["params"]), (h, w, c), classes
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = _resolve_config(args.experiment, args.overrides)
+    workdir = Path(args.workdir) if args.workdir else _default_workdir(args.experiment)
+    _out(*_format_config(config), f"workdir: {workdir}")
+
+    from cnn_jax.train import train_and_evaluate
+
+    reporter = _make_reporter(header=lambda info: _summary_line(config, info))
+    try:
+        results = train_and_evaluate(config, workdir, max_steps=args.max_steps, reporter=reporter)
+    finally:
+        reporter.on_end({})
+    _out(
+        f"results: best test accuracy {_percent(results.get('best_test_accuracy'))} "
+        f"(step {results.get('best_step')}), final {_percent(results.get('final_test_accuracy'))}, "
+        f"{results.get('steps')} steps in {results.get('wall_time_s', 0):.1f} s, "
+        f"{results.get('images_per_sec', 0):,.0f} images/s"
+    )
+    outputs = [
+        ("checkpoints", workdir / "checkpoints"),
+        ("metrics", workdir / "metrics.jsonl"),
+        ("config", workdir / "config.json"),
+    ]
+    if not args.no_pictures:
+        outputs += _training_pictures(workdir)
+    outputs.append(("TensorBoard", f"tensorboard --logdir {workdir}"))
+    _out("outputs:", *(f"  {name + ':':13s}{path}" for name, path in outputs))
+    return 0
+
+
+def _training_pictures(workdir: Path) -> list[tuple[str, Any]]:
+    """Training curves for every run; filters and feature maps when the test set is small."""
+    from cnn_jax import viz
+
+    pictures = []
+    metrics = workdir / "metrics.jsonl"
+    if metrics.exists():
+        try:
+            pictures.append(("curves", viz.plot_training_curves(metrics, workdir / "curves.png")))
+        except ValueError:
+            pass  # no complete epoch yet (e.g. --max-steps below one epoch)
+    from cnn_jax.data import get_dataset_info
+    from cnn_jax.train import load_trained
+
+    config, model, variables = load_trained(workdir, "latest")
+    if get_dataset_info(config.dataset.name).device_resident:
+        written = write_feature_pictures(config, model, variables, workdir / "pictures")
+        pictures += [(name.replace("_", " "), path) for name, path in written.items()]
+    else:
+        pictures.append(("feature maps", f"{PROG} visualize feature-maps --workdir {workdir}"))
+    return pictures
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference helpers shared by predict, visualize and the experiment scripts
+# ----------------------------------------------------------------------------------------------
+
+
+def model_input(config) -> dict:
+    """What the trained model expects: native shape, image size, mean/std and class names."""
+    from cnn_jax.data import get_dataset_info
+
+    info = get_dataset_info(config.dataset.name)
+    names = list(info.class_names)
+    if config.dataset.classes:
+        names = [names[i] for i in config.dataset.classes]
+    return {
+        "native_shape": tuple(info.image_shape),
+        "image_size": int(config.dataset.image_size) or None,
+        "mean": info.mean,
+        "std": info.std,
+        "class_names": names,
+    }
+
+
+def preprocess_for_model(config, images_u8):
+    """uint8 [N, H, W, C] at the dataset's native size -> float32 model input (eval transform)."""
+    import jax
+
+    from cnn_jax.data.augment import preprocess
+
+    spec = model_input(config)
+    return preprocess(
+        images_u8,
+        jax.random.PRNGKey(0),
+        train=False,
+        mean=spec["mean"],
+        std=spec["std"],
+        image_size=spec["image_size"],
+    )
+
+
+def read_image(path: str | Path, shape: tuple[int, int, int], *, invert: bool = False):
+    """A PNG/JPEG file as uint8 [H, W, C] with the given native shape (grayscale or RGB).
+
+    Raises DataError for a missing, empty, non-image or oversized (decompression bomb) file.
+    """
+    import warnings
+
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image {str(path)!r} does not exist or is not a file")
+    h, w, c = shape
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im = im.convert("L" if c == 1 else "RGB")
+                im = im.resize((w, h), Image.Resampling.BILINEAR)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"image {str(path)!r} is too large to decode safely: {e}") from None
+    except UnidentifiedImageError:
+        raise DataError(
+            f"image {str(path)!r} is not a readable PNG or JPEG image ({path.stat().st_size} bytes)"
+        ) from None
+    except OSError as e:  # truncated or corrupt image data
+        raise DataError(f"image {str(path)!r} could not be decoded: {e}") from None
+    a = np.asarray(im, dtype=np.uint8).reshape(h, w, c)
+    return 255 - a if invert else a
+
+
+def layer_activations(model, variables, x) -> dict:
+    """Outputs of the model's layers (conv, pooling, dense) for input x: [1, H, W, C].
+
+    Returns an ordered dict name -> array (batch axis dropped), from Flax's captured
+    intermediates plus any values the model sows into the 'intermediates' collection.
+    """
+    import jax
+    import numpy as np
+
+    _, state = model.apply(
+        variables, x, train=False, capture_intermediates=True, mutable=["intermediates"]
+    )
+    acts = {}
+    flat = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
+    for path, value in flat:
+        keys = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
+        keys = [k for k in keys if k not in ("__call__", "0")]
+        name = "/".join(keys) or "output"
+        if value.ndim >= 2 and value.shape[0] == 1:
+            acts[name] = np.asarray(value[0], dtype=np.float32)
+    return acts
+
+
+def first_conv_kernel(params) -> tuple[str, Any]:
+    """(path, kernel [KH, KW, I, O]) of the first 4-D kernel in the parameter tree."""
+    import jax
+    import numpy as np
+
+    for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if getattr(value, "ndim", 0) == 4:
+            name = "/".join(str(getattr(p, "key", p)) for p in path)
+            return name, np.asarray(value, dtype=np.float32)
+    raise ConfigError("the model has no convolution kernel (4-D parameter) to plot")
+
+
+def pick_test_image(config, label: int | None = 8, index: int | None = None):
+    """(uint8 [H, W, C] native test image, its label, its index): the given index, else the
+    first test image whose class name is `label` (the guides' digit 8), else the first."""
+    import numpy as np
+
+    from cnn_jax.data import load_split_arrays
+
+    images, labels = load_split_arrays(
+        config.dataset.name, config.dataset.eval_split or "test", **_data_kwargs(config)
+    )
+    if config.dataset.classes:
+        keep = np.isin(labels, list(config.dataset.classes))
+        remap = {c: i for i, c in enumerate(config.dataset.classes)}
+        images, labels = images[keep], np.array([remap[int(v)] for v in labels[keep]])
+    if index is None:
+        names = model_input(config)["class_names"]
+        wanted = [i for i, n in enumerate(names) if str(n) == str(label)]
+        hits = np.flatnonzero(labels == wanted[0]) if wanted else []
+        index = int(hits[0]) if len(hits) else 0
+    if not 0 <= index < len(images):
+        raise DataError(f"--index {index} is out of range; the test split has {len(images)} images")
+    return images[index], int(labels[index]), index
+
+
+def write_feature_pictures(
+    config, model, variables, outdir: Path, image_u8=None, title: str = ""
+) -> dict[str, Path]:
+    """First-layer filters, layer activations and output probabilities for one image
+    (default: a test image of the digit 8) as PNGs in `outdir`."""
+    import jax
+    import numpy as np
+
+    from cnn_jax import viz
+
+    if image_u8 is None:
+        image_u8, label, index = pick_test_image(config)
+        names = model_input(config)["class_names"]
+        title = f"test image {index} (label {names[label]})"
+    x = preprocess_for_model(config, np.asarray(image_u8)[None])
+    acts = layer_activations(model, variables, x)
+    logits = model.apply(variables, x, train=False)
+    probs = np.asarray(jax.nn.softmax(logits[0].astype(np.float32)))
+    maps = {"input": np.asarray(x[0])}
+    maps.update((k, v) for k, v in acts.items() if v.ndim == 3)
+    maps = dict(list(maps.items())[: MAX_FEATURE_MAP_LAYERS + 1])
+    names = model_input(config)["class_names"]
+    written = {}
+    _, kernel = first_conv_kernel(variables["params"])
+    written["filters"] = viz.plot_filters(kernel, outdir / "filters.png")
+    written["feature_maps"] = viz.plot_feature_maps(maps, outdir / "feature_maps.png")
+    written["probabilities"] = viz.plot_probabilities(
+        probs, names, outdir / "probabilities.png", title=title
+    )
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# eval, export, predict
+# ----------------------------------------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    config = _resolve_config(args.experiment, args.overrides)
+    workdir = _existing_workdir(args.workdir or _default_workdir(args.experiment), args.experiment)
+    from cnn_jax.train import evaluate
+
+    metrics = evaluate(config, workdir, checkpoint=args.checkpoint)
+    parts = [
+        f"{k} {_percent(v) if 'accuracy' in k else f'{v:.4f}' if isinstance(v, float) else v}"
+        for k, v in metrics.items()
+    ]
+    _out(f"eval {workdir} (checkpoint {args.checkpoint}): " + ", ".join(parts))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    workdir = _existing_workdir(args.workdir)
+    from cnn_jax.models.summary import count_params
+    from cnn_jax.train import export_npz, load_trained
+
+    _, _, variables = load_trained(workdir, args.checkpoint)
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise ConfigError(f"--out {str(out)!r}: expected a file name ending in .npz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_npz(variables, out)
+    _out(f"wrote {out} ({count_params(variables.get('params', variables)):,} parameters)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    workdir = _existing_workdir(args.workdir)
+    import jax
+    import numpy as np
+
+    from cnn_jax.train import load_trained
+
+    config, model, variables = load_trained(workdir, args.checkpoint)
+    spec = model_input(config)
+    images = np.stack(
+        [read_image(p, spec["native_shape"], invert=args.invert) for p in args.images]
+    )
+    logits = model.apply(variables, preprocess_for_model(config, images), train=False)
+    probs = np.asarray(jax.nn.softmax(np.asarray(logits, dtype=np.float32), axis=-1))
+    k = min(args.top_k, probs.shape[-1])
+    for path, p in zip(args.images, probs):
+        top = np.argsort(-p)[:k]
+        _out(f"{path}: " + ", ".join(f"{spec['class_names'][i]} {_percent(p[i])}" for i in top))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# summary, data, visualize, bench
+# ----------------------------------------------------------------------------------------------
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from cnn_jax.models import get_model
+    from cnn_jax.models.summary import model_summary
+
+    model = get_model(args.model, num_classes=args.num_classes)
+    _out(model_summary(model, args.input_shape))
+    return 0
+
+
+def cmd_data_list(args: argparse.Namespace) -> int:
+    from cnn_jax.data import available_datasets, get_dataset_info
+
+    rows = [("name", "tfds name", "image shape", "classes")]
+    for name in available_datasets():
+        info = get_dataset_info(name)
+        shape = "x".join(map(str, info.image_shape))
+        rows.append((name, info.tfds_name or "-", shape, str(info.num_classes)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    _out(*("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows))
+    return 0
+
+
+def cmd_data_import(args: argparse.Namespace) -> int:
+    from cnn_jax import data
+
+    source = Path(args.source)
+    if not source.exists():
+        raise DataError(f"--from {str(source)!r} does not exist")
+    result = data.import_dataset(args.name, source, data_dir=args.data_dir)
+    _out(f"imported {args.name} from {source}" + (f": {result}" if result else ""))
+    return 0
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from cnn_jax import viz
+
+    workdir = _existing_workdir(args.workdir)
+    if args.what == "curves":
+        metrics = workdir / "metrics.jsonl"
+        if not metrics.exists():
+            raise DataError(f"{str(metrics)!r} does not exist; has this workdir been trained?")
+        try:
+            path = viz.plot_training_curves(metrics, args.out or workdir / "curves.png")
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        _out(f"wrote {path}")
+        return 0
+
+    from cnn_jax.train import load_trained
+
+    config, model, variables = load_trained(workdir, args.checkpoint)
+    if args.what == "filters":
+        name, kernel = first_conv_kernel(variables["params"])
+        path = viz.plot_filters(
+            kernel, args.out or workdir / "pictures" / "filters.png", title=name
+        )
+        _out(f"wrote {path}")
+        return 0
+
+    outdir = Path(args.out) if args.out else workdir / "pictures"
+    if args.image:
+        image = read_image(args.image, model_input(config)["native_shape"], invert=args.invert)
+        written = write_feature_pictures(config, model, variables, outdir, image, args.image)
+    else:
+        image, label, index = pick_test_image(config, args.label, args.index)
+        names = model_input(config)["class_names"]
+        title = f"test image {index} (label {names[label]})"
+        written = write_feature_pictures(config, model, variables, outdir, image, title)
+    _out(*(f"wrote {p}" for p in written.values()))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from cnn_jax.bench import run_benchmark
+
+    result = run_benchmark(args.model, args.batch_size, args.steps)
+    if args.json:
+        _out(json.dumps(result, indent=2, default=str))
+    else:
+        _out(*(f"{k}: {v}" for k, v in result.items()))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Parser and entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train, evaluate, inspect and visualise convolutional networks in JAX/Flax.",
+        epilog=f"Run '{PROG} COMMAND --help' for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help: str, func, **kw) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, **kw)
+        p.set_defaults(func=func)
+        return p
+
+    def experiment_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "experiment",
+            metavar="EXPERIMENT",
+            help="a config name from experiments/ (e.g. lenet5_digits) or a .py path",
+        )
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="extend",
+            nargs="+",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override config values, e.g. train.batch_size=64",
+        )
+
+    def checkpoint_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--checkpoint",
+            type=_checkpoint,
+            default="latest",
+            metavar="latest|best|STEP",
+            help="which checkpoint (default: latest)",
+        )
+
+    p = add("train", "train an experiment (re-running on the same workdir resumes)", cmd_train)
+    experiment_args(p)
+    p.add_argument("--workdir", help="output folder (default: checkpoints/EXPERIMENT)")
+    p.add_argument(
+        "--max-steps",
+        type=_positive_int,
+        metavar="N",
+        help="stop after N total steps (checkpointing at the end)",
+    )
+    p.add_argument(
+        "--no-pictures",
+        action="store_true",
+        help="skip the training-curve, filter and feature-map PNGs",
+    )
+
+    p = add("eval", "evaluate a trained checkpoint on the test split", cmd_eval)
+    experiment_args(p)
+    p.add_argument("--workdir", help="the training folder (default: checkpoints/EXPERIMENT)")
+    checkpoint_arg(p)
+
+    p = add("export", "write trained parameters and batch statistics to one .npz file", cmd_export)
+    p.add_argument("--workdir", required=True, help="the training folder")
+    p.add_argument("--out", required=True, metavar="FILE.npz", help="output file")
+    checkpoint_arg(p)
+
+    p = add("predict", "classify PNG/JPEG images with a trained model (softmax top-k)", cmd_predict)
+    p.add_argument("--workdir", required=True, help="the training folder")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
+    p.add_argument(
+        "--top-k",
+        type=_positive_int,
+        default=3,
+        metavar="K",
+        help="classes to show per image (default: 3)",
+    )
+    p.add_argument(
+        "--invert",
+        action="store_true",
+        help="invert grey levels (dark digit on white paper -> MNIST style)",
+    )
+    checkpoint_arg(p)
+
+    p = add("summary", "print a model's layers (output shape, parameters) and total", cmd_summary)
+    p.add_argument("model", metavar="MODEL", help="a model name (see the error for the list)")
+    p.add_argument(
+        "--input-shape",
+        type=_shape,
+        default=(28, 28, 1),
+        metavar="H,W,C",
+        help="input image shape (default: 28,28,1)",
+    )
+    p.add_argument(
+        "--num-classes",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="output classes (default: 10)",
+    )
+
+    p = add("data", "list datasets or import local dataset files for offline use", None)
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    q = data_sub.add_parser(
+        "list", help="list the known datasets", description="list the known datasets"
+    )
+    q.set_defaults(func=cmd_data_list)
+    q = data_sub.add_parser(
+        "import",
+        help="prepare a dataset from local files (no network)",
+        description="prepare a dataset from local files (no network)",
+    )
+    q.set_defaults(func=cmd_data_import)
+    q.add_argument("name", metavar="NAME", help="dataset name, e.g. mnist")
+    q.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="PATH",
+        help="folder or archive holding the original files",
+    )
+    q.add_argument(
+        "--data-dir", help="tfds data folder (default: TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    )
+
+    p = add("visualize", "write pictures of a trained model as PNG files", None)
+    vis_sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    for what, help in (
+        ("filters", "first-layer convolution filters"),
+        ("feature-maps", "activations of each layer for one image, filters and probabilities"),
+        ("curves", "loss and accuracy per epoch, train vs test"),
+    ):
+        q = vis_sub.add_parser(what, help=help, description=help)
+        q.set_defaults(func=cmd_visualize)
+        q.add_argument("--workdir", required=True, help="the training folder")
+        q.add_argument(
+            "--out", help="output PNG (a folder for feature-maps; default: in the workdir)"
+        )
+        if what != "curves":
+            checkpoint_arg(q)
+        if what == "feature-maps":
+            q.add_argument("--image", help="a PNG/JPEG file (default: a test image)")
+            q.add_argument("--invert", action="store_true", help="invert the --image grey levels")
+            q.add_argument("--index", type=int, help="test image index (default: the first '8')")
+            q.add_argument("--label", default="8", help="class name of the test image (default: 8)")
+
+    if importlib.util.find_spec("cnn_jax.bench") is not None:
+        p = add("bench", "measure training throughput of a model", cmd_bench)
+        p.add_argument("model", metavar="MODEL")
+        p.add_argument("--batch-size", type=_positive_int, default=128)
+        p.add_argument("--steps", type=_positive_int, default=50)
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def _error(message: str) -> int:
+    paragraph = " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
+    print(f"{PROG}: error: {paragraph}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return e.code if isinstance(e.code, int) else 2
+    except CnnJaxError as e:
+        return _error(str(e))
+    except USER_OS_ERRORS as e:
+        where = f": {e.filename}" if e.filename else ""
+        return _error(f"{e.strerror or e}{where}")
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
