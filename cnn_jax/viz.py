@@ -43,8 +43,8 @@ def _display(image: Any) -> tuple[np.ndarray, str | None]:
         a = a[..., 0]
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] != 3):
         raise ValueError(f"image: expected shape [H, W], [H, W, 1] or [H, W, 3], got {a.shape}")
-    lo, hi = float(a.min()), float(a.max())
-    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    lo, hi = (float(v) for v in np.percentile(a, [0.5, 99.5]))  # robust to a few outliers
+    a = np.clip((a - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(a)
     return a, ("gray" if a.ndim == 2 else None)
 
 
@@ -65,14 +65,18 @@ def plot_image_grid(
     ncols: int | None = None,
     suptitle: str | None = None,
 ) -> Path:
-    """Images (each [H, W], [H, W, 1] or [H, W, 3], any range, scaled per image) in a grid."""
+    """Images (each [H, W], [H, W, 1] or [H, W, 3], any range, scaled per image) in a grid.
+
+    The figure's tiles take the aspect ratio of the first image."""
     if len(images) == 0:
         raise ValueError("plot_image_grid: no images given")
     titles = list(titles) if titles is not None else [None] * len(images)
     if len(titles) != len(images):
         raise ValueError(f"plot_image_grid: {len(images)} images but {len(titles)} titles")
     nrows, ncols = _grid(len(images), ncols)
-    fig = _new_figure(2.0 * ncols, 2.1 * nrows + (0.4 if suptitle else 0))
+    h, w = np.shape(images[0])[:2]
+    tile = 2.0 if w <= h else 3.0
+    fig = _new_figure(tile * ncols, (tile * h / w + 0.3) * nrows + (0.4 if suptitle else 0))
     for i, (image, title) in enumerate(zip(images, titles)):
         _show(fig.add_subplot(nrows, ncols, i + 1), image, title)
     if suptitle:
