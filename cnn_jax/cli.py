@@ -21,7 +21,6 @@ from cnn_jax.errors import CheckpointError, CnnJaxError, ConfigError, DataError
 
 PROG = "cnn-jax"
 USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-MAX_FEATURE_MAP_LAYERS = 8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,10 +122,6 @@ def _percent(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * float(x):.2f}%"
 
 
-def _data_kwargs(config) -> dict:
-    return {"data_dir": config.dataset.data_dir or None}
-
-
 # ----------------------------------------------------------------------------------------------
 # train
 # ----------------------------------------------------------------------------------------------
@@ -212,7 +207,7 @@ def _model_facts(config) -> tuple[int, tuple[int, ...], int]:
     from cnn_jax.models import get_model
     from cnn_jax.models.summary import count_params
 
-    info = get_dataset_info(config.dataset.name)
+    info = get_dataset_info(config.dataset.name, config)
     h, w, c = info.image_shape
     if config.dataset.image_size:
         h = w = config.dataset.image_size
@@ -266,177 +261,16 @@ def _training_pictures(workdir: Path) -> list[tuple[str, Any]]:
         except ValueError:
             pass  # no complete epoch yet (e.g. --max-steps below one epoch)
     from cnn_jax.data import get_dataset_info
+    from cnn_jax.inference import save_feature_pictures
     from cnn_jax.train import load_trained
 
     config, model, variables = load_trained(workdir, "latest")
-    if get_dataset_info(config.dataset.name).device_resident:
-        written = write_feature_pictures(config, model, variables, workdir / "pictures")
+    if get_dataset_info(config.dataset.name, config).device_resident:
+        written = save_feature_pictures(config, model, variables, workdir / "pictures")
         pictures += [(name.replace("_", " "), path) for name, path in written.items()]
     else:
         pictures.append(("feature maps", f"{PROG} visualize feature-maps --workdir {workdir}"))
     return pictures
-
-
-# ----------------------------------------------------------------------------------------------
-# Inference helpers shared by predict, visualize and the experiment scripts
-# ----------------------------------------------------------------------------------------------
-
-
-def model_input(config) -> dict:
-    """What the trained model expects: native shape, image size, mean/std and class names."""
-    from cnn_jax.data import get_dataset_info
-
-    info = get_dataset_info(config.dataset.name)
-    names = list(info.class_names)
-    if config.dataset.classes:
-        names = [names[i] for i in config.dataset.classes]
-    return {
-        "native_shape": tuple(info.image_shape),
-        "image_size": int(config.dataset.image_size) or None,
-        "mean": info.mean,
-        "std": info.std,
-        "class_names": names,
-    }
-
-
-def preprocess_for_model(config, images_u8):
-    """uint8 [N, H, W, C] at the dataset's native size -> float32 model input (eval transform)."""
-    import jax
-
-    from cnn_jax.data.augment import preprocess
-
-    spec = model_input(config)
-    return preprocess(
-        images_u8,
-        jax.random.PRNGKey(0),
-        train=False,
-        mean=spec["mean"],
-        std=spec["std"],
-        image_size=spec["image_size"],
-    )
-
-
-def read_image(path: str | Path, shape: tuple[int, int, int], *, invert: bool = False):
-    """A PNG/JPEG file as uint8 [H, W, C] with the given native shape (grayscale or RGB).
-
-    Raises DataError for a missing, empty, non-image or oversized (decompression bomb) file.
-    """
-    import warnings
-
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"image {str(path)!r} does not exist or is not a file")
-    h, w, c = shape
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im = im.convert("L" if c == 1 else "RGB")
-                im = im.resize((w, h), Image.Resampling.BILINEAR)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DataError(f"image {str(path)!r} is too large to decode safely: {e}") from None
-    except UnidentifiedImageError:
-        raise DataError(
-            f"image {str(path)!r} is not a readable PNG or JPEG image ({path.stat().st_size} bytes)"
-        ) from None
-    except OSError as e:  # truncated or corrupt image data
-        raise DataError(f"image {str(path)!r} could not be decoded: {e}") from None
-    a = np.asarray(im, dtype=np.uint8).reshape(h, w, c)
-    return 255 - a if invert else a
-
-
-def layer_activations(model, variables, x) -> dict:
-    """Outputs of the model's layers (conv, pooling, dense) for input x: [1, H, W, C].
-
-    Returns an ordered dict name -> array (batch axis dropped), from Flax's captured
-    intermediates plus any values the model sows into the 'intermediates' collection.
-    """
-    import jax
-    import numpy as np
-
-    _, state = model.apply(
-        variables, x, train=False, capture_intermediates=True, mutable=["intermediates"]
-    )
-    acts = {}
-    flat = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
-    for path, value in flat:
-        keys = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
-        keys = [k for k in keys if k not in ("__call__", "0")]
-        name = "/".join(keys) or "output"
-        if value.ndim >= 2 and value.shape[0] == 1:
-            acts[name] = np.asarray(value[0], dtype=np.float32)
-    return acts
-
-
-def first_conv_kernel(params) -> tuple[str, Any]:
-    """(path, kernel [KH, KW, I, O]) of the first 4-D kernel in the parameter tree."""
-    import jax
-    import numpy as np
-
-    for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if getattr(value, "ndim", 0) == 4:
-            name = "/".join(str(getattr(p, "key", p)) for p in path)
-            return name, np.asarray(value, dtype=np.float32)
-    raise ConfigError("the model has no convolution kernel (4-D parameter) to plot")
-
-
-def pick_test_image(config, label: int | None = 8, index: int | None = None):
-    """(uint8 [H, W, C] native test image, its label, its index): the given index, else the
-    first test image whose class name is `label` (the guides' digit 8), else the first."""
-    import numpy as np
-
-    from cnn_jax.data import load_split_arrays
-
-    images, labels = load_split_arrays(
-        config.dataset.name, config.dataset.eval_split or "test", **_data_kwargs(config)
-    )
-    if config.dataset.classes:
-        keep = np.isin(labels, list(config.dataset.classes))
-        remap = {c: i for i, c in enumerate(config.dataset.classes)}
-        images, labels = images[keep], np.array([remap[int(v)] for v in labels[keep]])
-    if index is None:
-        names = model_input(config)["class_names"]
-        wanted = [i for i, n in enumerate(names) if str(n) == str(label)]
-        hits = np.flatnonzero(labels == wanted[0]) if wanted else []
-        index = int(hits[0]) if len(hits) else 0
-    if not 0 <= index < len(images):
-        raise DataError(f"--index {index} is out of range; the test split has {len(images)} images")
-    return images[index], int(labels[index]), index
-
-
-def write_feature_pictures(
-    config, model, variables, outdir: Path, image_u8=None, title: str = ""
-) -> dict[str, Path]:
-    """First-layer filters, layer activations and output probabilities for one image
-    (default: a test image of the digit 8) as PNGs in `outdir`."""
-    import jax
-    import numpy as np
-
-    from cnn_jax import viz
-
-    if image_u8 is None:
-        image_u8, label, index = pick_test_image(config)
-        names = model_input(config)["class_names"]
-        title = f"test image {index} (label {names[label]})"
-    x = preprocess_for_model(config, np.asarray(image_u8)[None])
-    acts = layer_activations(model, variables, x)
-    logits = model.apply(variables, x, train=False)
-    probs = np.asarray(jax.nn.softmax(logits[0].astype(np.float32)))
-    maps = {"input": np.asarray(x[0])}
-    maps.update((k, v) for k, v in acts.items() if v.ndim == 3)
-    maps = dict(list(maps.items())[: MAX_FEATURE_MAP_LAYERS + 1])
-    names = model_input(config)["class_names"]
-    written = {}
-    _, kernel = first_conv_kernel(variables["params"])
-    written["filters"] = viz.plot_filters(kernel, outdir / "filters.png")
-    written["feature_maps"] = viz.plot_feature_maps(maps, outdir / "feature_maps.png")
-    written["probabilities"] = viz.plot_probabilities(
-        probs, names, outdir / "probabilities.png", title=title
-    )
-    return written
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,18 +309,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     workdir = _existing_workdir(args.workdir)
-    import jax
     import numpy as np
 
+    from cnn_jax.inference import model_input, predict_probs, read_image
     from cnn_jax.train import load_trained
 
     config, model, variables = load_trained(workdir, args.checkpoint)
     spec = model_input(config)
-    images = np.stack(
-        [read_image(p, spec["native_shape"], invert=args.invert) for p in args.images]
-    )
-    logits = model.apply(variables, preprocess_for_model(config, images), train=False)
-    probs = np.asarray(jax.nn.softmax(np.asarray(logits, dtype=np.float32), axis=-1))
+    shape = spec["native_shape"]
+    images = np.stack([read_image(p, shape, invert=args.invert) for p in args.images])
+    probs = predict_probs(config, model, variables, images)
     k = min(args.top_k, probs.shape[-1])
     for path, p in zip(args.images, probs):
         top = np.argsort(-p)[:k]
@@ -513,7 +345,7 @@ def cmd_data_list(args: argparse.Namespace) -> int:
 
     rows = [("name", "tfds name", "image shape", "classes")]
     for name in available_datasets():
-        info = get_dataset_info(name)
+        info = get_dataset_info(name, data_dir=args.data_dir)
         shape = "x".join(map(str, info.image_shape))
         rows.append((name, info.tfds_name or "-", shape, str(info.num_classes)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -547,26 +379,25 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         _out(f"wrote {path}")
         return 0
 
+    from cnn_jax import inference
     from cnn_jax.train import load_trained
 
     config, model, variables = load_trained(workdir, args.checkpoint)
     if args.what == "filters":
-        name, kernel = first_conv_kernel(variables["params"])
-        path = viz.plot_filters(
-            kernel, args.out or workdir / "pictures" / "filters.png", title=name
-        )
-        _out(f"wrote {path}")
+        name, kernel = inference.first_conv_kernel(variables["params"])
+        out = args.out or workdir / "pictures" / "filters.png"
+        _out(f"wrote {viz.plot_filters(kernel, out, title=f'{name} {kernel.shape}')}")
         return 0
 
     outdir = Path(args.out) if args.out else workdir / "pictures"
     if args.image:
-        image = read_image(args.image, model_input(config)["native_shape"], invert=args.invert)
-        written = write_feature_pictures(config, model, variables, outdir, image, args.image)
+        shape = inference.model_input(config)["native_shape"]
+        image, title = inference.read_image(args.image, shape, invert=args.invert), args.image
     else:
-        image, label, index = pick_test_image(config, args.label, args.index)
-        names = model_input(config)["class_names"]
+        image, label, index = inference.sample_test_image(config, args.label, args.index)
+        names = inference.model_input(config)["class_names"]
         title = f"test image {index} (label {names[label]})"
-        written = write_feature_pictures(config, model, variables, outdir, image, title)
+    written = inference.save_feature_pictures(config, model, variables, outdir, image, title)
     _out(*(f"wrote {p}" for p in written.values()))
     return 0
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cnn_jax import cli
+from cnn_jax import cli, inference
 
 REPO = Path(__file__).resolve().parent.parent
 MISSING = "no/such/dir"
@@ -152,29 +152,29 @@ def test_read_image_errors(tmp_path, monkeypatch):
     from cnn_jax.errors import DataError
 
     with pytest.raises(DataError, match="does not exist"):
-        cli.read_image(tmp_path / "missing.png", (28, 28, 1))
+        inference.read_image(tmp_path / "missing.png", (28, 28, 1))
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(DataError, match="not a readable PNG or JPEG image"):
-        cli.read_image(tmp_path / "empty.png", (28, 28, 1))
+        inference.read_image(tmp_path / "empty.png", (28, 28, 1))
     (tmp_path / "text.jpg").write_text("hello")
     with pytest.raises(DataError, match="not a readable PNG or JPEG image"):
-        cli.read_image(tmp_path / "text.jpg", (28, 28, 1))
+        inference.read_image(tmp_path / "text.jpg", (28, 28, 1))
     Image.new("L", (64, 64), 255).save(tmp_path / "big.png")
     head = (tmp_path / "big.png").read_bytes()
     (tmp_path / "truncated.png").write_bytes(head[: len(head) // 2])
     with pytest.raises(DataError, match="could not be decoded"):
-        cli.read_image(tmp_path / "truncated.png", (28, 28, 1))
+        inference.read_image(tmp_path / "truncated.png", (28, 28, 1))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 = 4096 > 1000: a "bomb"
     with pytest.raises(DataError, match="too large"):
-        cli.read_image(tmp_path / "big.png", (28, 28, 1))
+        inference.read_image(tmp_path / "big.png", (28, 28, 1))
 
 
 def test_read_image_converts_and_resizes(tmp_path):
     from PIL import Image
 
     Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "red.jpg")
-    gray = cli.read_image(tmp_path / "red.jpg", (28, 28, 1))
+    gray = inference.read_image(tmp_path / "red.jpg", (28, 28, 1))
     assert gray.shape == (28, 28, 1) and gray.dtype.name == "uint8"
-    rgb = cli.read_image(tmp_path / "red.jpg", (32, 32, 3))
+    rgb = inference.read_image(tmp_path / "red.jpg", (32, 32, 3))
     assert rgb.shape == (32, 32, 3) and rgb[..., 0].mean() > 200 and rgb[..., 1].mean() < 50
-    assert cli.read_image(tmp_path / "red.jpg", (8, 8, 1), invert=True).max() < 255
+    assert inference.read_image(tmp_path / "red.jpg", (8, 8, 1), invert=True).max() < 255

@@ -1,0 +1,180 @@
+"""Using a trained model on single images: reading files, the eval-time preprocessing, class
+probabilities, layer activations and the pictures made from them.
+
+Shared by `cnn-jax predict` / `visualize`, the training command's pictures and the experiment
+scripts. Images go in as uint8 at the dataset's native shape and are preprocessed exactly as the
+evaluation pipeline does (`cnn_jax.data.augment.preprocess` with `train=False`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnn_jax.errors import ConfigError, DataError
+
+MAX_FEATURE_MAP_LAYERS = 8
+
+
+def model_input(config) -> dict[str, Any]:
+    """What a model trained with `config` expects: native shape (H, W, C), `image_size`
+    (None keeps the native size), per-channel `mean`/`std` and the `class_names`."""
+    from cnn_jax.data import get_dataset_info
+
+    info = get_dataset_info(config.dataset.name, config)
+    names = [str(n) for n in info.class_names] or [str(i) for i in range(info.num_classes)]
+    if config.dataset.classes:
+        names = [names[i] for i in config.dataset.classes]
+    return {
+        "native_shape": tuple(info.image_shape),
+        "image_size": int(config.dataset.image_size) or None,
+        "mean": info.mean,
+        "std": info.std,
+        "class_names": names,
+    }
+
+
+def preprocess_for_model(config, images_u8: np.ndarray):
+    """uint8 [N, H, W, C] at the native shape -> float32 model input, as at evaluation."""
+    import jax
+
+    from cnn_jax.data.augment import preprocess
+
+    spec = model_input(config)
+    return preprocess(
+        images_u8,
+        jax.random.PRNGKey(0),
+        train=False,
+        mean=spec["mean"],
+        std=spec["std"],
+        image_size=spec["image_size"],
+    )
+
+
+def predict_probs(config, model, variables, images_u8: np.ndarray) -> np.ndarray:
+    """Softmax class probabilities float32 [N, num_classes] for uint8 [N, H, W, C] images."""
+    import jax
+
+    logits = model.apply(variables, preprocess_for_model(config, images_u8), train=False)
+    return np.asarray(jax.nn.softmax(np.asarray(logits, np.float32), axis=-1))
+
+
+def read_image(
+    path: str | Path, shape: tuple[int, int, int], *, invert: bool = False
+) -> np.ndarray:
+    """A PNG/JPEG file as uint8 [H, W, C] of the given shape (grayscale when C == 1, else RGB),
+    resized bilinearly; `invert` turns dark-on-light into light-on-dark (MNIST style).
+
+    Raises DataError for a missing, empty, non-image, corrupt or oversized (decompression bomb)
+    file.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image {str(path)!r} does not exist or is not a file")
+    h, w, c = shape
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.Resampling.BILINEAR)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"image {str(path)!r} is too large to decode safely: {e}") from None
+    except UnidentifiedImageError:
+        raise DataError(
+            f"image {str(path)!r} is not a readable PNG or JPEG image ({path.stat().st_size} bytes)"
+        ) from None
+    except OSError as e:  # truncated or corrupt image data
+        raise DataError(f"image {str(path)!r} could not be decoded: {e}") from None
+    a = np.asarray(im, dtype=np.uint8).reshape(h, w, c)
+    return 255 - a if invert else a
+
+
+def sample_test_image(config, label: str | None = "8", index: int | None = None):
+    """(uint8 [H, W, C] test image, its label index, its index in the test split): image `index`
+    if given, else the first whose class name is `label` (the guides' digit 8), else the first."""
+    from cnn_jax.data import get_dataset_info, load_split_arrays
+
+    images, labels = load_split_arrays(
+        config.dataset.name,
+        config.dataset.eval_split or get_dataset_info(config.dataset.name, config).test_split,
+        data_dir=config.dataset.data_dir or None,
+    )
+    if config.dataset.classes:
+        keep = np.isin(labels, list(config.dataset.classes))
+        remap = np.full(int(labels.max()) + 1, -1)
+        remap[list(config.dataset.classes)] = np.arange(len(config.dataset.classes))
+        images, labels = images[keep], remap[labels[keep]]
+    if index is None:
+        names = model_input(config)["class_names"]
+        wanted = [i for i, n in enumerate(names) if n == str(label)]
+        hits = np.flatnonzero(labels == wanted[0]) if wanted else []
+        index = int(hits[0]) if len(hits) else 0
+    if not 0 <= index < len(images):
+        raise DataError(f"--index {index} is out of range; the test split has {len(images)} images")
+    return images[index], int(labels[index]), index
+
+
+def _is_layer(module, method_name: str) -> bool:
+    kind = type(module).__name__
+    return method_name == "__call__" and kind.endswith(("Conv", "Pool"))
+
+
+def layer_activations(model, variables, x) -> dict[str, np.ndarray]:
+    """Outputs of every convolution and pooling layer for one input x: [1, H, W, C], in call
+    order: layer path ('block1/conv1') -> float32 [H', W', C']. Conv outputs are taken before the
+    activation function (Flax captures module outputs)."""
+    import jax
+
+    _, state = model.apply(
+        variables, x, train=False, capture_intermediates=_is_layer, mutable=["intermediates"]
+    )
+    acts = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]:
+        keys = [str(getattr(p, "key", "")) for p in path]
+        name = "/".join(k for k in keys if k and k != "__call__")
+        acts[name] = np.asarray(value[0], dtype=np.float32)
+    return acts
+
+
+def first_conv_kernel(params) -> tuple[str, np.ndarray]:
+    """(path, kernel [KH, KW, I, O]) of the first 4-D parameter (the first conv layer)."""
+    import jax
+
+    for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if getattr(value, "ndim", 0) == 4:
+            return "/".join(str(getattr(p, "key", p)) for p in path), np.asarray(value, np.float32)
+    raise ConfigError("the model has no convolution kernel (4-D parameter) to plot")
+
+
+def save_feature_pictures(
+    config, model, variables, outdir: str | Path, image_u8=None, title: str = ""
+) -> dict[str, Path]:
+    """filters.png (first-layer filters), feature_maps.png (the input and each conv and pooling
+    layer's activations) and probabilities.png for one image (default: a test image of the
+    digit 8) in `outdir`. Returns name -> written path."""
+    from cnn_jax import viz
+
+    outdir = Path(outdir)
+    names = model_input(config)["class_names"]
+    if image_u8 is None:
+        image_u8, label, index = sample_test_image(config)
+        title = f"test image {index} (label {names[label]})"
+    x = preprocess_for_model(config, np.asarray(image_u8)[None])
+    maps = {"input": np.asarray(x[0])}
+    maps.update(list(layer_activations(model, variables, x).items())[:MAX_FEATURE_MAP_LAYERS])
+    probs = predict_probs(config, model, variables, np.asarray(image_u8)[None])[0]
+    layer, kernel = first_conv_kernel(variables["params"])
+    return {
+        "filters": viz.plot_filters(
+            kernel, outdir / "filters.png", title=f"{layer} {kernel.shape}"
+        ),
+        "feature_maps": viz.plot_feature_maps(maps, outdir / "feature_maps.png"),
+        "probabilities": viz.plot_probabilities(
+            probs, names, outdir / "probabilities.png", title=title
+        ),
+    }
