@@ -99,16 +99,10 @@ def sample_test_image(config, label: str | None = "8", index: int | None = None)
     if given, else the first whose class name is `label` (the guides' digit 8), else the first."""
     from cnn_jax.data import get_dataset_info, load_split_arrays
 
+    split = config.dataset.eval_split or get_dataset_info(config.dataset.name, config).test_split
     images, labels = load_split_arrays(
-        config.dataset.name,
-        config.dataset.eval_split or get_dataset_info(config.dataset.name, config).test_split,
-        data_dir=config.dataset.data_dir or None,
+        config.dataset.name, split, config=config, classes=list(config.dataset.classes) or None
     )
-    if config.dataset.classes:
-        keep = np.isin(labels, list(config.dataset.classes))
-        remap = np.full(int(labels.max()) + 1, -1)
-        remap[list(config.dataset.classes)] = np.arange(len(config.dataset.classes))
-        images, labels = images[keep], remap[labels[keep]]
     if index is None:
         names = model_input(config)["class_names"]
         wanted = [i for i, n in enumerate(names) if n == str(label)]
@@ -128,27 +122,39 @@ def layer_activations(model, variables, x) -> dict[str, np.ndarray]:
     """Outputs of every convolution and pooling layer for one input x: [1, H, W, C], in call
     order: layer path ('block1/conv1') -> float32 [H', W', C']. Conv outputs are taken before the
     activation function (Flax captures module outputs)."""
-    import jax
-
     _, state = model.apply(
         variables, x, train=False, capture_intermediates=_is_layer, mutable=["intermediates"]
     )
     acts = {}
-    for path, value in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]:
-        keys = [str(getattr(p, "key", "")) for p in path]
-        name = "/".join(k for k in keys if k and k != "__call__")
-        acts[name] = np.asarray(value[0], dtype=np.float32)
+
+    def walk(node, path):  # dicts keep call order (jax.tree_util would sort the keys)
+        for key, value in node.items():
+            if key == "__call__":
+                acts["/".join(path)] = np.asarray(value[0][0], dtype=np.float32)
+            else:
+                walk(value, [*path, key])
+
+    walk(state["intermediates"], [])
     return acts
 
 
 def first_conv_kernel(params) -> tuple[str, np.ndarray]:
-    """(path, kernel [KH, KW, I, O]) of the first 4-D parameter (the first conv layer)."""
-    import jax
+    """(path, kernel [KH, KW, I, O]) of the first 4-D parameter in definition order."""
 
-    for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if getattr(value, "ndim", 0) == 4:
-            return "/".join(str(getattr(p, "key", p)) for p in path), np.asarray(value, np.float32)
-    raise ConfigError("the model has no convolution kernel (4-D parameter) to plot")
+    def walk(node, path):
+        for key, value in node.items():
+            if hasattr(value, "items"):
+                found = walk(value, [*path, key])
+                if found:
+                    return found
+            elif getattr(value, "ndim", 0) == 4:
+                return "/".join([*path, key]), np.asarray(value, np.float32)
+        return None
+
+    found = walk(params, [])
+    if found is None:
+        raise ConfigError("the model has no convolution kernel (4-D parameter) to plot")
+    return found
 
 
 def save_feature_pictures(
