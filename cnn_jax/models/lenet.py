@@ -1,0 +1,74 @@
+"""LeNet-5 (LeCun et al., 1998), the guides' first CNN."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cnn_jax.layers import (
+    POOLINGS,
+    ConvBlock,
+    DenseHead,
+    Dtype,
+    activation_fn,
+    check_choice,
+    check_images,
+)
+
+
+class LeNet5(nn.Module):
+    """conv 6@5x5 -> pool 2x2 -> conv 16@5x5 -> pool 2x2 -> FC 120 -> FC 84 -> logits.
+
+    x: [N, H, W, C] -> float32 logits [N, num_classes].
+
+    `first_padding` decides how the first conv treats the border, and so the input size that gives
+    the classic 5x5x16 = 400 features:
+      * "SAME" (default): for 28x28 MNIST-sized input, the classic "pad 28 to 32" (61,706 parameters
+        on 28x28x1 with 10 classes).
+      * "VALID": the original 32x32 input (also 61,706 parameters on 32x32x1 with 10 classes).
+    Other sizes work too; only the first FC layer's width changes. The classic model uses tanh and
+    average pooling (subsampling without the trainable coefficients); "relu"/"max" give the modern
+    variant.
+    """
+
+    num_classes: int = 10
+    activation: str = "tanh"
+    pooling: str = "avg"
+    first_padding: str = "SAME"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        activation_fn(self.activation)
+        check_choice("pooling", self.pooling, POOLINGS)
+        check_choice("first_padding", self.first_padding, ("SAME", "VALID"))
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        check_images(x, "LeNet5")
+        x = x.astype(self.dtype)
+        block = functools.partial(
+            ConvBlock,
+            kernel_size=5,
+            activation=self.activation,
+            pooling=self.pooling,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        x = block(6, padding=self.first_padding, name="block1")(x, train)
+        x = block(16, padding="VALID", name="block2")(x, train)
+        return DenseHead(
+            self.num_classes,
+            hidden_features=(120, 84),
+            activation=self.activation,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="head",
+        )(x, train)
+
+
+__all__ = ["LeNet5"]

@@ -1,0 +1,94 @@
+"""The guides' small ConvNet and the MLP baseline they compare it with."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cnn_jax.errors import ShapeError
+from cnn_jax.layers import ConvBlock, DenseHead, Dtype, activation_fn, check_images
+
+
+class SimpleConvNet(nn.Module):
+    """A few (3x3 conv -> ReLU -> 2x2 max pool) blocks, then a dense head; 4 classes by default.
+
+    x: [N, H, W, C] -> float32 logits [N, num_classes]. Each block halves H and W, so the input
+    needs H, W >= 2 ** len(features) (8 for the default three blocks).
+    """
+
+    num_classes: int = 4
+    features: Sequence[int] = (32, 64, 128)
+    hidden_features: Sequence[int] = (128,)
+    dropout_rate: float = 0.5
+    activation: str = "relu"
+    use_batchnorm: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        activation_fn(self.activation)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        check_images(x, "SimpleConvNet")
+        x = x.astype(self.dtype)
+        for i, width in enumerate(self.features, start=1):
+            x = ConvBlock(
+                width,
+                kernel_size=3,
+                padding="SAME",
+                activation=self.activation,
+                use_norm=self.use_batchnorm,
+                pooling="max",
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"block{i}",
+            )(x, train)
+        return DenseHead(
+            self.num_classes,
+            self.hidden_features,
+            activation=self.activation,
+            dropout_rate=self.dropout_rate,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="head",
+        )(x, train)
+
+
+class MLP(nn.Module):
+    """Multi-layer perceptron baseline: flatten -> hidden Dense + activation -> logits.
+
+    x: [N, ...] (images are flattened) -> float32 logits [N, num_classes].
+    """
+
+    num_classes: int = 10
+    hidden_features: Sequence[int] = (512, 256)
+    dropout_rate: float = 0.0
+    activation: str = "relu"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        activation_fn(self.activation)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if x.ndim < 2:
+            raise ShapeError(
+                f"MLP expects a batch [N, ...]; got an input of shape {tuple(x.shape)}"
+            )
+        x = jnp.asarray(x, self.dtype)
+        return DenseHead(
+            self.num_classes,
+            self.hidden_features,
+            activation=self.activation,
+            dropout_rate=self.dropout_rate,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="head",
+        )(x, train)
