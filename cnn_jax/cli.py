@@ -20,6 +20,12 @@ from typing import Any
 from cnn_jax.errors import CheckpointError, CnnJaxError, ConfigError, DataError
 
 PROG = "cnn-jax"
+# summary's defaults (input shape, classes): the setting each model is usually shown with.
+SUMMARY_DEFAULTS = {
+    "lenet5": ((28, 28, 1), 10),
+    "mlp": ((28, 28, 1), 10),
+    "simple_convnet": ((32, 32, 3), 4),
+}
 USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
@@ -144,6 +150,8 @@ def _make_reporter(header=None):
             self.info = dict(info)
             if header is not None:
                 _out(header(info))
+            if info.get("resumed_from"):
+                _out(f"resuming from the checkpoint of step {info['resumed_from']}")
             self.bar = tqdm(
                 total=info.get("total_steps"),
                 initial=info.get("start_step", 0) or 0,
@@ -164,17 +172,14 @@ def _make_reporter(header=None):
 
         def on_eval(self, step: int, metrics: dict) -> None:
             epoch = metrics.get("epoch")
-            where = f"epoch {epoch:g}" if isinstance(epoch, (int, float)) else f"step {step}"
-            text = " ".join(
-                f"{k} {_percent(v) if 'accuracy' in k else f'{float(v):.4f}'}"
-                for k, v in metrics.items()
-                if isinstance(v, (int, float)) and k not in ("epoch", "step")
-            )
-            message = f"eval {where}: {text}"
+            where = f"epoch {epoch:g} (step {step})" if epoch is not None else f"step {step}"
+            loss, acc = metrics.get("loss"), metrics.get("accuracy")
+            text = f"test loss {loss:.4f}, accuracy {_percent(acc)}" if loss is not None else ""
             if self.bar is not None:
-                self.bar.write(message, file=sys.stderr)
-            else:
-                print(message, file=sys.stderr)
+                self.bar.clear()
+            _out(f"{where}: {text}")
+            if self.bar is not None:
+                self.bar.refresh()
 
         def on_end(self, results: dict) -> None:
             if self.bar is not None:
@@ -224,19 +229,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir) if args.workdir else _default_workdir(args.experiment)
     _out(*_format_config(config), f"workdir: {workdir}")
 
-    from cnn_jax.train import train_and_evaluate
+    import jax
 
+    from cnn_jax.train import Reporter, train_and_evaluate
+
+    main_process = jax.process_index() == 0  # in a multi-host job, only process 0 reports
     reporter = _make_reporter(header=lambda info: _summary_line(config, info))
+    if not main_process:
+        reporter = Reporter()
     try:
         results = train_and_evaluate(config, workdir, max_steps=args.max_steps, reporter=reporter)
     finally:
         reporter.on_end({})
+    if not main_process:
+        return 0
+    r = results
     _out(
-        f"results: best test accuracy {_percent(results.get('best_test_accuracy'))} "
-        f"(step {results.get('best_step')}), final {_percent(results.get('final_test_accuracy'))}, "
-        f"{results.get('steps')} steps in {results.get('wall_time_s', 0):.1f} s, "
-        f"{results.get('images_per_sec', 0):,.0f} images/s"
+        f"results: best test accuracy {_percent(r.get('best_test_accuracy'))} "
+        f"(step {r.get('best_step')}), final {_percent(r.get('final_test_accuracy'))}, "
+        f"{r.get('steps')} steps ({r.get('epochs', 0):g} epochs) in {r.get('wall_time_s', 0):.1f} s, "
+        f"{r.get('images_per_sec', 0):,.0f} images/s"
     )
+    if r.get("interrupted"):
+        _out(f"interrupted at step {r.get('steps')}: run the same command again to resume")
     outputs = [
         ("checkpoints", workdir / "checkpoints"),
         ("metrics", workdir / "metrics.jsonl"),
@@ -279,8 +294,15 @@ def _training_pictures(workdir: Path) -> list[tuple[str, Any]]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    config = _resolve_config(args.experiment, args.overrides)
+    from cnn_jax import config as config_lib
+
+    _resolve_config(args.experiment, args.overrides)  # a bad name or --set fails before loading
     workdir = _existing_workdir(args.workdir or _default_workdir(args.experiment), args.experiment)
+    saved = workdir / "config.json"
+    config = None  # evaluate with the config the run was trained with
+    if args.overrides and saved.exists():
+        config = config_lib.config_from_json(saved.read_text())
+        config = config_lib.validate_config(config_lib.apply_overrides(config, args.overrides))
     from cnn_jax.train import evaluate
 
     metrics = evaluate(config, workdir, checkpoint=args.checkpoint)
@@ -297,10 +319,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cnn_jax.models.summary import count_params
     from cnn_jax.train import export_npz, load_trained
 
-    _, _, variables = load_trained(workdir, args.checkpoint)
     out = Path(args.out)
     if out.suffix != ".npz":
         raise ConfigError(f"--out {str(out)!r}: expected a file name ending in .npz")
+    _, _, variables = load_trained(workdir, args.checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
     export_npz(variables, out)
     _out(f"wrote {out} ({count_params(variables.get('params', variables)):,} parameters)")
@@ -335,20 +357,29 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from cnn_jax.models import get_model
     from cnn_jax.models.summary import model_summary
 
-    model = get_model(args.model, num_classes=args.num_classes)
-    _out(model_summary(model, args.input_shape))
+    shape, classes = SUMMARY_DEFAULTS.get(args.model, ((224, 224, 3), 1000))
+    model = get_model(args.model, num_classes=args.num_classes or classes)
+    _out(model_summary(model, args.input_shape or shape))
     return 0
 
 
 def cmd_data_list(args: argparse.Namespace) -> int:
-    from cnn_jax.data import available_datasets, get_dataset_info
+    from cnn_jax.data import available_datasets, get_dataset_info, resolve_data_dir
 
-    rows = [("name", "tfds name", "image shape", "classes")]
+    data_dir = Path(resolve_data_dir(args.data_dir))
+    rows = [("name", "tfds name", "image shape", "classes", "status")]
     for name in available_datasets():
         info = get_dataset_info(name, data_dir=args.data_dir)
+        if name == "synthetic":
+            status = "generated"
+        elif any((data_dir / info.tfds_name.split(":")[0]).glob("**/dataset_info.json")):
+            status = "prepared"
+        else:
+            status = "built on first use" if name == "digits" else "not prepared"
         shape = "x".join(map(str, info.image_shape))
-        rows.append((name, info.tfds_name or "-", shape, str(info.num_classes)))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        rows.append((name, info.tfds_name or "-", shape, str(info.num_classes), status))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    _out(f"data dir: {data_dir}")
     _out(*("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows))
     return 0
 
@@ -359,8 +390,10 @@ def cmd_data_import(args: argparse.Namespace) -> int:
     source = Path(args.source)
     if not source.exists():
         raise DataError(f"--from {str(source)!r} does not exist")
-    result = data.import_dataset(args.name, source, data_dir=args.data_dir)
-    _out(f"imported {args.name} from {source}" + (f": {result}" if result else ""))
+    where = data.import_dataset(args.name, source, data_dir=args.data_dir)
+    _out(f"imported {args.name} from {source} into {where}")
+    if args.data_dir:
+        _out(f"use it with TFDS_DATA_DIR={args.data_dir} or --set dataset.data_dir={args.data_dir}")
     return 0
 
 
@@ -503,16 +536,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--input-shape",
         type=_shape,
-        default=(28, 28, 1),
         metavar="H,W,C",
-        help="input image shape (default: 28,28,1)",
+        help="input image shape (default: the model's usual input: 28,28,1 for lenet5 and mlp, "
+        "32,32,3 for simple_convnet, else 224,224,3)",
     )
     p.add_argument(
         "--num-classes",
         type=_positive_int,
-        default=10,
         metavar="N",
-        help="output classes (default: 10)",
+        help="output classes (default: 10 for lenet5 and mlp, 4 for simple_convnet, else 1000)",
     )
 
     p = add("data", "list datasets or import local dataset files for offline use", None)
@@ -521,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
         "list", help="list the known datasets", description="list the known datasets"
     )
     q.set_defaults(func=cmd_data_list)
+    q.add_argument(
+        "--data-dir", help="tfds data folder (default: TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    )
     q = data_sub.add_parser(
         "import",
         help="prepare a dataset from local files (no network)",
@@ -569,9 +604,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _paragraph(message: str) -> str:
+    """Joins the lines of a message into one paragraph, with '; ' between list-like lines."""
+    text = ""
+    for line in (part.strip() for part in str(message).splitlines()):
+        if line:
+            text += (" " if not text or text[-1] in ".:;,!?" else "; ") + line
+    return text.strip()
+
+
 def _error(message: str) -> int:
-    paragraph = " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
-    print(f"{PROG}: error: {paragraph}", file=sys.stderr)
+    print(f"{PROG}: error: {_paragraph(message)}", file=sys.stderr)
     return 2
 
 

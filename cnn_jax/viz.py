@@ -139,8 +139,8 @@ def read_metrics(metrics_jsonl_path: str | Path) -> dict[str, dict[str, list[tup
     """Per-epoch curves from a metrics.jsonl file: {'train'|'test': {'loss'|'accuracy': [(epoch, v)]}}.
 
     Accepts records with `split` and plain metric keys, or prefixed keys (`train_loss`,
-    `test/accuracy`, `eval_accuracy`). The x value is `epoch` when present, else `step`.
-    Several train records within one epoch are averaged.
+    `test/accuracy`, `eval_accuracy`). The x value is the epoch when present (a fractional epoch
+    e - 1 < x <= e counts as epoch e), else the step. Records of one epoch are averaged.
     """
     sums: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     with open(metrics_jsonl_path) as f:
@@ -153,8 +153,10 @@ def read_metrics(metrics_jsonl_path: str | Path) -> dict[str, dict[str, list[tup
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
             x = record.get("epoch", record.get("step"))
-            if x is None:
+            if not isinstance(x, (int, float)):
                 continue
+            if "epoch" in record:
+                x = math.ceil(x - 1e-9)  # records during epoch e (fractional epochs) count as e
             split = record.get("split")
             for key, value in record.items():
                 if not isinstance(value, (int, float)) or isinstance(value, bool):

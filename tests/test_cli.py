@@ -5,7 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from cnn_jax import cli, inference
 
@@ -74,7 +76,7 @@ def test_error_message_is_one_paragraph(capsys, monkeypatch):
     monkeypatch.setattr(cli, "cmd_data_list", fail)
     code, _, err = run(capsys, ["data", "list"])
     assert code == 2
-    assert err == "cnn-jax: error: first line second line\n"
+    assert err == "cnn-jax: error: first line; second line\n"
 
 
 def test_missing_user_file_is_a_user_error(capsys, monkeypatch):
@@ -147,8 +149,6 @@ def test_python_dash_m_subprocess():
 
 
 def test_read_image_errors(tmp_path, monkeypatch):
-    from PIL import Image
-
     from cnn_jax.errors import DataError
 
     with pytest.raises(DataError, match="does not exist"):
@@ -170,11 +170,137 @@ def test_read_image_errors(tmp_path, monkeypatch):
 
 
 def test_read_image_converts_and_resizes(tmp_path):
-    from PIL import Image
-
     Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "red.jpg")
     gray = inference.read_image(tmp_path / "red.jpg", (28, 28, 1))
     assert gray.shape == (28, 28, 1) and gray.dtype.name == "uint8"
     rgb = inference.read_image(tmp_path / "red.jpg", (32, 32, 3))
     assert rgb.shape == (32, 32, 3) and rgb[..., 0].mean() > 200 and rgb[..., 1].mean() < 50
     assert inference.read_image(tmp_path / "red.jpg", (8, 8, 1), invert=True).max() < 255
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny trained workdir: eval, export, predict, visualize, data
+# ----------------------------------------------------------------------------------------------
+
+TINY = ["train.batch_size=8", "train.eval_batch_size=8", "checkpoint.async_save=False"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(workdir, data dir) of lenet5_digits trained for 2 steps."""
+    root = tmp_path_factory.mktemp("cli")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TFDS_DATA_DIR", str(root / "tfds"))
+        argv = ["train", "lenet5_digits", "--workdir", str(root / "run"), "--max-steps", "2"]
+        assert cli.main([*argv, "--no-pictures", "--set", *TINY]) == 0
+        yield root / "run"
+
+
+def digit_png(path, label=8):
+    """A digits test image of `label` as an 8x8 grayscale PNG."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    image = digits.images[np.flatnonzero(digits.target == label)[0]] * (255 / 16)
+    Image.fromarray(image.astype(np.uint8), mode="L").save(path)
+    return path
+
+
+def test_eval(trained, capsys):
+    code, out, _ = run(capsys, ["eval", "lenet5_digits", "--workdir", str(trained)])
+    assert code == 0 and "accuracy" in out and "step 2" in out
+    code, _, err = run(
+        capsys, ["eval", "lenet5_digits", "--workdir", str(trained), "--checkpoint", "999"]
+    )
+    assert code == 2 and "999" in err and "Traceback" not in err
+
+
+def test_export_round_trip(trained, tmp_path, capsys):
+    import jax
+
+    from cnn_jax.train import load_npz, load_trained
+
+    out_file = tmp_path / "lenet.npz"
+    code, out, _ = run(capsys, ["export", "--workdir", str(trained), "--out", str(out_file)])
+    assert code == 0 and "61,706 parameters" in out
+    with np.load(out_file) as npz:
+        assert "params/block1/conv1/kernel" in npz.files
+    _, _, variables = load_trained(trained)
+    restored = load_npz(out_file)
+    assert jax.tree.structure(restored) == jax.tree.structure(variables)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(variables)):
+        np.testing.assert_array_equal(a, b)
+    code, _, err = run(capsys, ["export", "--workdir", str(trained), "--out", str(tmp_path / "x")])
+    assert code == 2 and "ending in .npz" in err
+
+
+def test_predict(trained, tmp_path, capsys):
+    image = digit_png(tmp_path / "eight.png")
+    Image.open(image).convert("RGB").resize((50, 40)).save(tmp_path / "eight.jpg")
+    argv = ["predict", "--workdir", str(trained), str(image), str(tmp_path / "eight.jpg")]
+    code, out, _ = run(capsys, [*argv, "--top-k", "2"])
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(str(image))
+    assert lines[0].count("%") == 2
+    (tmp_path / "notes.txt").write_text("not an image")
+    for bad, fragment in (
+        (tmp_path / "missing.png", "does not exist"),
+        (tmp_path / "notes.txt", "not a readable PNG or JPEG"),
+    ):
+        code, _, err = run(capsys, ["predict", "--workdir", str(trained), str(bad)])
+        assert code == 2 and fragment in err and "Traceback" not in err
+
+
+def test_visualize(trained, tmp_path, capsys):
+    base = ["--workdir", str(trained)]
+    for what in ("filters", "curves"):
+        out_file = tmp_path / f"{what}.png"
+        code, out, _ = run(capsys, ["visualize", what, *base, "--out", str(out_file)])
+        assert code == 0 and out.strip() == f"wrote {out_file}"
+        assert Image.open(out_file).format == "PNG"
+    image = digit_png(tmp_path / "three.png", label=3)
+    code, _, _ = run(
+        capsys,
+        ["visualize", "feature-maps", *base, "--image", str(image), "--out", str(tmp_path / "m")],
+    )
+    assert code == 0
+    for name in ("filters.png", "feature_maps.png", "probabilities.png"):
+        assert Image.open(tmp_path / "m" / name).format == "PNG"
+
+
+def test_summary(capsys):
+    code, out, _ = run(capsys, ["summary", "lenet5"])
+    assert code == 0 and "Total params: 61,706" in out and "[1, 28, 28, 6]" in out
+    code, out, _ = run(
+        capsys, ["summary", "lenet5", "--input-shape", "32,32,1", "--num-classes", "4"]
+    )
+    assert code == 0 and "[1, 4]" in out
+    code, _, err = run(capsys, ["summary", "nope"])
+    assert code == 2 and "unknown model 'nope'" in err
+    code, _, err = run(capsys, ["summary", "lenet5", "--input-shape", "4,4,1"])
+    assert code == 2 and "input too small" in err and "Traceback" not in err
+
+
+def test_data_list_and_import(tmp_path, capsys):
+    import gzip
+
+    code, out, _ = run(capsys, ["data", "list"])
+    assert code == 0 and "digits" in out and "mnist" in out and "28x28x1" in out
+    rng = np.random.default_rng(0)
+    src = tmp_path / "idx"
+    src.mkdir()
+    for prefix, n in (("train", 12), ("t10k", 5)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            head = (0x0800 | array.ndim).to_bytes(4, "big")
+            head += b"".join(d.to_bytes(4, "big") for d in array.shape)
+            (src / f"{prefix}-{kind}-ubyte.gz").write_bytes(gzip.compress(head + array.tobytes()))
+    data_dir = tmp_path / "tfds"
+    argv = ["data", "import", "mnist", "--from", str(src), "--data-dir", str(data_dir)]
+    code, out, err = run(capsys, argv)
+    assert code == 0, err
+    assert "imported mnist" in out
+    code, _, err = run(capsys, argv)  # already there
+    assert code == 2 and "Traceback" not in err
