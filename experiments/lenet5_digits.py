@@ -12,7 +12,8 @@ def get_config():
     config.experiment = "lenet5_digits"
     config.model.name = "lenet5"
     config.dataset.name = "digits"
-    config.dataset.image_size = 32  # LeNet-5's original input size
+    config.dataset.image_size = 32  # LeNet-5's original input size...
+    config.model.options.first_padding = "VALID"  # ...and its classic layer shapes (61,706 parameters)
     config.train.batch_size = 32
     config.train.num_epochs = 30
     config.train.log_every_steps = 20

@@ -6,7 +6,7 @@ from cnn_jax.config import default_config
 def get_config():
     config = default_config()
     config.experiment = "vgg16_cifar10"
-    config.model.name = "vgg16"
+    config.model.name = "vgg16_bn"
     config.dataset.name = "cifar10"
     config.dataset.crop_padding = 4
     config.dataset.flip = True
