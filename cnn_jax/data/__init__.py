@@ -16,8 +16,10 @@ Device-resident feeder
     `batch_indices(data_key, step, num_examples=N, batch_size=B)` -> int32 [B]: epoch
     e = step // (N // B) uses `jax.random.permutation(jax.random.fold_in(data_key, e), N)`,
     batch i of the epoch is perm[i*B:(i+1)*B] (remainder dropped); `epoch_permutation`,
-    `steps_per_epoch`. Multi-host: pass drop_remainder=True with the shard so every process
-    has the same N.
+    `steps_per_epoch`. `batch_indices` re-sorts N keys per call (tens of ms on CPU for
+    N = 60,000): compute `epoch_permutation` once per epoch and slice it in the step with
+    `batch_from_permutation(perm, step, batch_size=B)` (same indices). Multi-host: pass
+    drop_remainder=True with the shard so every process has the same N.
   Augmentation (`augment.py`), with the key `jax.random.fold_in(aug_key, step)`:
     `preprocess(images_u8, key, *, train, mean, std, image_size=None, crop_padding=0,
     flip=False) -> float32 [B, S, S, C]` = resize, (train) random crop + flip, normalise;
@@ -60,7 +62,12 @@ from cnn_jax.data.feeding import (
 )
 from cnn_jax.data.importers import import_dataset
 from cnn_jax.data.loading import load_split_arrays, shard_split
-from cnn_jax.data.order import batch_indices, epoch_permutation, steps_per_epoch
+from cnn_jax.data.order import (
+    batch_from_permutation,
+    batch_indices,
+    epoch_permutation,
+    steps_per_epoch,
+)
 from cnn_jax.data.registry import (
     DatasetInfo,
     available_datasets,
@@ -73,6 +80,7 @@ from cnn_jax.data.streaming import eval_batches, train_batches
 __all__ = [
     "DatasetInfo",
     "available_datasets",
+    "batch_from_permutation",
     "batch_indices",
     "check_batch_size",
     "choose_feeder",

@@ -7,7 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnn_jax.data import batch_indices, epoch_permutation, steps_per_epoch
+from cnn_jax.data import (
+    batch_from_permutation,
+    batch_indices,
+    epoch_permutation,
+    steps_per_epoch,
+)
 from cnn_jax.errors import DataError
 
 KEY = jax.random.PRNGKey(42)
@@ -39,6 +44,14 @@ def test_batch_indices_jit_with_traced_step():
         assert np.array_equal(
             fn(jnp.int32(step)), batch_indices(KEY, step, num_examples=50, batch_size=8)
         )
+
+
+def test_batch_from_a_precomputed_permutation_is_the_same_batch():
+    fn = jax.jit(lambda perm, step: batch_from_permutation(perm, step, batch_size=8))
+    for step in (0, 5, 6, 13, 17):
+        perm = epoch_permutation(KEY, step // 6, 50)
+        want = batch_indices(KEY, step, num_examples=50, batch_size=8)
+        assert np.array_equal(fn(perm, jnp.int32(step)), want)
 
 
 def test_split_smaller_than_a_batch():
