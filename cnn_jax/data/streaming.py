@@ -75,14 +75,14 @@ class _Source:
             raise not_prepared_error(self.info, self.data_dir) from e
         except ValueError as e:
             raise DataError(f"dataset {self.info.name!r}: bad split {self.split!r}: {e}") from e
-        return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+        return ds
 
 
 def _relabel(ds, classes: Sequence[int] | None, num_classes: int):
-    """Keeps `classes` relabelled 0..k-1 (see loading.filter_classes); labels become int32."""
+    """Keeps `classes` relabelled 0..k-1 (see loading.filter_classes)."""
     tf = _tf.tf()
     if not classes:
-        return ds.map(lambda ex: {**ex, "label": tf.cast(ex["label"], tf.int32)})
+        return ds
     table = tf.constant(class_lookup(classes, num_classes))
     ds = ds.map(lambda ex: {**ex, "label": tf.gather(table, tf.cast(ex["label"], tf.int32))})
     return ds.filter(lambda ex: ex["label"] >= 0)
@@ -185,7 +185,7 @@ def train_batches(
             image = _random_resized_crop(image, size, seed)
         elif size is not None:
             image = _resize(image, size)
-        return {"image": image, "label": ex["label"]}
+        return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
     epoch, skip = divmod(int(start_step), spe)
     while True:
@@ -241,7 +241,7 @@ def eval_batches(
         image = src.decode(ex["image"])
         if size is not None:
             image = _resize(image, size) if info.device_resident else _center_crop(image, size)
-        return {"image": image, "label": ex["label"]}
+        return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
     ds = _relabel(src.dataset(), classes, info.num_classes)
     ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
