@@ -1,0 +1,317 @@
+"""Orbax checkpoints of the train state, parameter export, and loading trained models.
+
+Layout: `<workdir>/checkpoints/<step>/{state, meta, metrics}` written by one Orbax
+`CheckpointManager` (asynchronously; a step directory appears under its final name only once
+complete, so a kill never leaves a half-written checkpoint that looks valid). It keeps the
+latest `keep` checkpoints plus the best one by an eval metric: one manager does both, with
+`preservation_policy = AnyPreservationPolicy([LatestN(keep), BestN(best_fn, n=1)])`
+(Orbax 0.12's plain `max_to_keep` + `best_fn` would keep the best k instead and could delete
+the latest). Checkpoints saved without an eval get the worst possible score, so they are
+kept only as "latest".
+
+`meta` (JSON) holds the config, the data position (step, epoch) and the shapes needed to
+rebuild the model; `state` holds the whole `TrainState` (host layout).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from cnn_jax.errors import CheckpointError
+from cnn_jax.train.state import TrainState
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose files are missing, truncated or unreadable."""
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """A checkpoint of a different model or optimizer (shapes or entries differ)."""
+
+
+def _path_str(path) -> str:
+    """A key path as 'params/block1/conv/kernel' (attribute, dict key or index entries)."""
+    parts = []
+    for entry in path:
+        for attr in ("name", "key", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+        else:
+            parts.append(str(entry))
+    return "/".join(parts)
+
+
+def _shapes_by_path(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        _path_str(p): (tuple(int(d) for d in leaf.shape), str(np.dtype(leaf.dtype)))
+        for p, leaf in leaves
+        if leaf is not None and hasattr(leaf, "shape")
+    }
+
+
+def compare_shapes(saved_tree, target_tree) -> list[str]:
+    """Differences between a checkpoint's tree metadata and the target state, one line each."""
+    saved, target = _shapes_by_path(saved_tree), _shapes_by_path(target_tree)
+    problems = []
+    for key in sorted(set(saved) | set(target)):
+        if key not in saved:
+            problems.append(
+                f"{key}: missing from the checkpoint (model/optimizer expects {target[key][0]})"
+            )
+        elif key not in target:
+            problems.append(
+                f"{key}: in the checkpoint {saved[key][0]} but not in the model/optimizer"
+            )
+        elif saved[key][0] != target[key][0]:
+            problems.append(
+                f"{key}: checkpoint has shape {saved[key][0]}, model/optimizer expects {target[key][0]}"
+            )
+    return problems
+
+
+class CheckpointStore:
+    """Saves and restores `TrainState`s under `<workdir>/checkpoints` (see module docstring)."""
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        *,
+        keep: int = 3,
+        best_metric: str = "accuracy",
+        best_mode: str = "max",
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
+        self.directory = (Path(workdir) / CHECKPOINT_DIR).absolute()
+        self.best_metric, self.best_mode = best_metric, best_mode
+        worst = -math.inf if best_mode == "max" else math.inf
+        self._score = lambda metrics: float((metrics or {}).get(best_metric, worst))
+        if read_only and not self.directory.is_dir():
+            raise CheckpointError(f"no checkpoints in {str(self.directory)!r}")
+        options = ocp.CheckpointManagerOptions(
+            best_fn=self._score,
+            best_mode=best_mode,
+            preservation_policy=policies.AnyPreservationPolicy(
+                [
+                    policies.LatestN(n=keep),
+                    policies.BestN(
+                        get_metric_fn=self._score,
+                        reverse=best_mode == "min",
+                        n=1,
+                        keep_checkpoints_without_metrics=False,
+                    ),
+                ]
+            ),
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=not read_only,  # leftovers of a killed async save
+            read_only=read_only,
+            create=not read_only,
+        )
+        # Naming the handlers lets a fresh process read metadata before any save/restore.
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    # -- queries -----------------------------------------------------------------------------
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def eval_metrics(self, step: int) -> dict:
+        return dict(self.manager.metrics(step) or {})
+
+    def best_step(self) -> int | None:
+        """The step with the best saved eval metric, or None if no checkpoint has one."""
+        scored = [(s, self.eval_metrics(s).get(self.best_metric)) for s in self.all_steps()]
+        scored = [(s, v) for s, v in scored if v is not None]
+        if not scored:
+            return None
+        sign = 1.0 if self.best_mode == "max" else -1.0
+        return max(scored, key=lambda sv: (sign * sv[1], sv[0]))[0]  # ties: the later step
+
+    def resolve(self, checkpoint: str | int) -> int:
+        """'latest' | 'best' | a step number -> an existing step, else `CheckpointError`."""
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoints in {str(self.directory)!r}")
+        if checkpoint == "latest":
+            return steps[-1]
+        if checkpoint == "best":
+            best = self.best_step()
+            if best is None:
+                raise CheckpointError(
+                    f"no checkpoint in {str(self.directory)!r} has the eval metric "
+                    f"{self.best_metric!r}; use checkpoint='latest' or a step ({steps})"
+                )
+            return best
+        try:
+            step = int(checkpoint)
+        except (TypeError, ValueError):
+            raise CheckpointError(
+                f"checkpoint {checkpoint!r}: expected 'latest', 'best' or a step number"
+            ) from None
+        if step not in steps:
+            raise CheckpointError(
+                f"checkpoint step {step} not found in {str(self.directory)!r}; available: {steps}"
+            )
+        return step
+
+    # -- save / restore ----------------------------------------------------------------------
+    def save(
+        self, step: int, state: TrainState, meta: dict, eval_metrics: dict | None = None
+    ) -> bool:
+        """Starts saving `state` (host layout) as checkpoint `step`; False if it exists already.
+
+        Returns once the arrays are copied off the devices; the files are written in the
+        background (`wait()` blocks until done).
+        """
+        if step in self.manager.all_steps():
+            return False
+        metrics = {k: float(v) for k, v in (eval_metrics or {}).items()}
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_jsonable(meta))
+            ),
+            metrics=metrics,
+            force=True,
+        )
+
+    def read_meta(self, step: int) -> dict:
+        try:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )
+        except Exception as e:
+            raise DamagedCheckpointError(
+                f"checkpoint {self.directory / str(step)} is damaged or unreadable: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        return dict(restored["meta"])
+
+    def check_compatible(self, step: int, target: TrainState) -> None:
+        """Raises `CheckpointError` naming every entry whose shape differs from `target`."""
+        try:
+            saved = self.manager.item_metadata(step)["state"]
+        except Exception as e:
+            raise DamagedCheckpointError(
+                f"checkpoint {self.directory / str(step)} is damaged or unreadable: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        saved_tree = getattr(saved, "tree", saved)
+        if saved_tree is None:
+            raise DamagedCheckpointError(
+                f"checkpoint {self.directory / str(step)} is damaged: its state metadata is missing"
+            )
+        problems = compare_shapes(saved_tree, target)
+        if problems:
+            shown = "\n  ".join(problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise IncompatibleCheckpointError(
+                f"checkpoint {self.directory / str(step)} does not fit the configured model/optimizer "
+                f"({len(problems)} mismatched entries):\n  {shown}{more}\n"
+                "Use a fresh --workdir for a different model or optimizer."
+            )
+
+    def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict]:
+        """(state, meta) of checkpoint `step`, restored onto the first local device.
+
+        target: the abstract state (`abstract_train_state`); shapes are compared first, so a
+        different model or optimizer fails with `CheckpointError` instead of a partial load.
+        """
+        self.check_compatible(step, target)
+        device = jax.local_devices()[0]
+        sharding = jax.sharding.SingleDeviceSharding(device)
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), target
+        )
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as e:
+            raise DamagedCheckpointError(
+                f"checkpoint {self.directory / str(step)} is damaged or unreadable: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        return restored["state"], dict(restored["meta"])
+
+    def wait(self) -> None:
+        """Blocks until every pending asynchronous save is on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, ml_collections.ConfigDict):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    return value
+
+
+# -- parameter export --------------------------------------------------------------------------
+
+
+def export_npz(variables: dict, path: str | Path) -> Path:
+    """Writes model variables ({'params': ..., 'batch_stats': ...}) to an .npz file.
+
+    Keys are '/'-joined paths ('params/block1/conv/kernel'); `numpy.load` reads it without
+    orbax, flax or this package. Returns the path.
+    """
+    flat = {
+        _path_str(key_path): np.asarray(jax.device_get(leaf))
+        for key_path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]
+    }
+    path = Path(path)
+    with path.open("wb") as f:  # a file object: numpy would otherwise append '.npz'
+        np.savez(f, **flat)
+    return path
+
+
+def load_npz(path: str | Path) -> dict:
+    """Reads `export_npz` output back into nested dicts of numpy arrays."""
+    try:
+        archive = np.load(Path(path), allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read parameter file {str(path)!r}: {e}") from e
+    variables: dict = {}
+    with archive:
+        for key in archive.files:
+            node = variables
+            *parents, leaf = key.split("/")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = archive[key]
+    return variables
