@@ -49,7 +49,14 @@ def open_builder(info: DatasetInfo, data_dir: str | None = None, *, download: bo
         try:
             with _tf.quiet_prepare():
                 builder.download_and_prepare()
-        except Exception as e:  # no network, bad checksum...: a short message, not the traceback
+        except Exception as e:  # any failure becomes one short message
+            if builder.is_prepared():  # another process finished building it meanwhile
+                return builder
+            if info.name in _BUILT_LOCALLY:
+                raise DataError(
+                    f"could not build dataset {info.name!r} in data dir {data_dir!r}: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
             raise DataError(f"{not_prepared_error(info, data_dir)} Download failed: {e}") from e
     # Not prepared: as_dataset reports it (and tfds.testing.mock_data serves mock data instead).
     return builder

@@ -27,6 +27,18 @@ def test_standard_builders_with_mock_data(name):
     assert x2.shape == x.shape
 
 
+def test_standard_builder_shards_are_disjoint_and_complete(tiny_mnist):
+    # The real `mnist` builder reading a (tiny) prepared dataset: 23 examples over 4 processes.
+    data_dir, arrays = tiny_mnist
+    parts = [load_split_arrays("mnist", "train", data_dir=data_dir, shard=(i, 4)) for i in range(4)]
+    assert [len(y) for _, y in parts] == [6, 6, 6, 5]
+    rows = sorted(im.tobytes() + bytes([int(y)]) for x, ys in parts for im, y in zip(x, ys))
+    images, labels = arrays["train"]
+    assert rows == sorted(
+        im[..., None].tobytes() + bytes([int(y)]) for im, y in zip(images, labels)
+    )
+
+
 def test_class_subset_is_relabelled():
     with tfds.testing.mock_data(num_examples=200):
         _, y_all = load_split_arrays("cifar10", "train")
@@ -57,6 +69,13 @@ def test_data_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "env_dir"))
     with pytest.raises(DataError, match="env_dir"):
         load_split_arrays("mnist", "test")
+
+
+def test_building_digits_in_an_unwritable_place_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(DataError, match="could not build dataset 'digits'"):
+        load_split_arrays("digits", "train", data_dir=str(blocker / "data"))
 
 
 def test_digits_end_to_end(digits_dir):

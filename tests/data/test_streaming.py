@@ -73,6 +73,18 @@ def test_streamed_eval_shards_and_common_batch_count(digits_dir):
     assert total == 360
 
 
+def test_shuffling_is_seeded_with_mock_data():
+    with tfds.testing.mock_data(num_examples=64):
+        a = _take(train_batches("cifar10", batch_size=16, seed=1), 4)
+        b = _take(train_batches("cifar10", batch_size=16, seed=1), 4)
+        c = _take(train_batches("cifar10", batch_size=16, seed=2), 4)
+    assert a[0]["image"].shape == (16, 32, 32, 3) and a[0]["label"].dtype == np.int32
+    assert all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, b))
+    assert not np.array_equal(a[0]["image"], c[0]["image"])
+    epoch0 = {im.tobytes() for batch in a for im in batch["image"]}
+    assert len(epoch0) == 64  # one epoch visits every example once
+
+
 def test_imagenet_like_stream_with_mock_data():
     # Varying image sizes: random-resized crop for training, centre crop for evaluation.
     with tfds.testing.mock_data(num_examples=24):
