@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -172,7 +174,7 @@ def _make_reporter(header=None):
 
         def on_eval(self, step: int, metrics: dict) -> None:
             epoch = metrics.get("epoch")
-            where = f"epoch {epoch:g} (step {step})" if epoch is not None else f"step {step}"
+            where = f"epoch {epoch:.3g} (step {step})" if epoch is not None else f"step {step}"
             loss, acc = metrics.get("loss"), metrics.get("accuracy")
             text = f"test loss {loss:.4f}, accuracy {_percent(acc)}" if loss is not None else ""
             if self.bar is not None:
@@ -247,7 +249,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _out(
         f"results: best test accuracy {_percent(r.get('best_test_accuracy'))} "
         f"(step {r.get('best_step')}), final {_percent(r.get('final_test_accuracy'))}, "
-        f"{r.get('steps')} steps ({r.get('epochs', 0):g} epochs) in {r.get('wall_time_s', 0):.1f} s, "
+        f"{r.get('steps')} steps ({r.get('epochs', 0):.3g} epochs) in {r.get('wall_time_s', 0):.1f} s, "
         f"{r.get('images_per_sec', 0):,.0f} images/s"
     )
     if r.get("interrupted"):
@@ -258,9 +260,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         ("config", workdir / "config.json"),
     ]
     if not args.no_pictures:
-        outputs += _training_pictures(workdir)
+        try:
+            outputs += _training_pictures(workdir)
+        except (CnnJaxError, ValueError, OSError) as e:  # training itself succeeded
+            print(f"{PROG}: warning: could not draw the pictures: {_paragraph(e)}", file=sys.stderr)
     outputs.append(("TensorBoard", f"tensorboard --logdir {workdir}"))
-    _out("outputs:", *(f"  {name + ':':13s}{path}" for name, path in outputs))
+    width = max(len(name) for name, _ in outputs) + 2
+    _out("outputs:", *(f"  {name + ':':{width}s}{path}" for name, path in outputs))
     return 0
 
 
@@ -305,12 +311,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         config = config_lib.validate_config(config_lib.apply_overrides(config, args.overrides))
     from cnn_jax.train import evaluate
 
-    metrics = evaluate(config, workdir, checkpoint=args.checkpoint)
-    parts = [
-        f"{k} {_percent(v) if 'accuracy' in k else f'{v:.4f}' if isinstance(v, float) else v}"
-        for k, v in metrics.items()
-    ]
-    _out(f"eval {workdir} (checkpoint {args.checkpoint}): " + ", ".join(parts))
+    m = evaluate(config, workdir, checkpoint=args.checkpoint)
+    top5 = f", top-5 {_percent(m['top5_accuracy'])}" if "top5_accuracy" in m else ""
+    _out(
+        f"eval {workdir} (checkpoint {args.checkpoint}, step {m.get('step')}): test loss "
+        f"{m['loss']:.4f}, accuracy {_percent(m['accuracy'])}{top5} on {int(m['count'])} images"
+    )
     return 0
 
 
@@ -438,11 +444,24 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from cnn_jax.bench import run_benchmark
 
-    result = run_benchmark(args.model, args.batch_size, args.steps)
+    result = run_benchmark(
+        args.model,
+        args.batch_size,
+        args.steps,
+        input_shape=args.input_shape,
+        dtype=args.dtype,
+        backend=args.backend,
+    )
     if args.json:
         _out(json.dumps(result, indent=2, default=str))
-    else:
-        _out(*(f"{k}: {v}" for k, v in result.items()))
+        return 0
+    mfu = result.get("mfu")
+    _out(
+        f"{result['model']} on {result.get('device')}: {result['images_per_sec']:,.0f} images/s "
+        f"(batch {result['batch_size']}, {result.get('dtype')}, {result.get('backend')}), "
+        f"compile {result.get('compile_seconds', 0):.1f} s"
+        + (f", MFU {100 * mfu:.1f}%" if mfu else "")
+    )
     return 0
 
 
@@ -596,11 +615,30 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--label", default="8", help="class name of the test image (default: 8)")
 
     if importlib.util.find_spec("cnn_jax.bench") is not None:
-        p = add("bench", "measure training throughput of a model", cmd_bench)
-        p.add_argument("model", metavar="MODEL")
-        p.add_argument("--batch-size", type=_positive_int, default=128)
-        p.add_argument("--steps", type=_positive_int, default=50)
-        p.add_argument("--json", action="store_true", help="print the result as JSON")
+        p = add("bench", "measure the training throughput of a model (synthetic data)", cmd_bench)
+        p.add_argument("model", metavar="MODEL", help="a model name, e.g. resnet50")
+        p.add_argument("--batch-size", type=_positive_int, default=128, metavar="B")
+        p.add_argument(
+            "--steps",
+            type=_positive_int,
+            default=50,
+            metavar="N",
+            help="steps per timed window (default: 50)",
+        )
+        p.add_argument(
+            "--input-shape",
+            type=_shape,
+            metavar="H,W,C",
+            help="input shape (default: the model's benchmark setting)",
+        )
+        p.add_argument(
+            "--dtype",
+            choices=["float32", "bfloat16"],
+            default="float32",
+            help="compute dtype; parameters stay float32",
+        )
+        p.add_argument("--backend", choices=["jit", "pmap"], default="jit")
+        p.add_argument("--json", action="store_true", help="print every measured value as JSON")
     return parser
 
 
@@ -620,6 +658,8 @@ def _error(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax/tfds notices, not user news
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

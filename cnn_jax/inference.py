@@ -179,7 +179,7 @@ def save_feature_pictures(
         "filters": viz.plot_filters(
             kernel, outdir / "filters.png", title=f"{layer} {kernel.shape}"
         ),
-        "feature_maps": viz.plot_feature_maps(maps, outdir / "feature_maps.png"),
+        "feature_maps": viz.plot_feature_maps(maps, outdir / "feature_maps.png", title=title),
         "probabilities": viz.plot_probabilities(
             probs, names, outdir / "probabilities.png", title=title
         ),

@@ -101,7 +101,11 @@ def plot_filters(
 
 
 def plot_feature_maps(
-    activations: Mapping[str, Any], path: str | Path, *, max_channels: int = 8
+    activations: Mapping[str, Any],
+    path: str | Path,
+    *,
+    max_channels: int = 8,
+    title: str | None = None,
 ) -> Path:
     """One row per layer, showing its first `max_channels` channels.
 
@@ -132,6 +136,8 @@ def plot_feature_maps(
             _show(ax, m)
             if c == 0:
                 ax.set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title)
     return _save(fig, path)
 
 
@@ -214,6 +220,8 @@ def plot_probabilities(
     ax.barh(range(len(p)), p, color=["C1" if i == p.argmax() else "C0" for i in range(len(p))])
     ax.set_yticks(range(len(p)), [str(n) for n in class_names])
     ax.invert_yaxis()
+    for i, v in enumerate(p):
+        ax.text(min(v, 0.85) + 0.01, i, f"{v:.3f}", va="center", fontsize=8)
     ax.set_xlim(0, 1)
     ax.set_xlabel("probability")
     if title:

@@ -1,5 +1,6 @@
 """The `cnn-jax` command line: user errors, help, and the export/predict round trip."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -103,6 +104,10 @@ HELP_COMMANDS = [
     ["visualize", "feature-maps"],
     ["visualize", "curves"],
 ]
+
+
+if importlib.util.find_spec("cnn_jax.bench") is not None:
+    HELP_COMMANDS.append(["bench"])
 
 
 @pytest.mark.parametrize("command", HELP_COMMANDS, ids=lambda c: " ".join(c) or "top")

@@ -95,7 +95,7 @@ MOCKED = [
 def test_config_runs_on_mock_data(tmp_path, capsys, name, extra):
     import tensorflow_datasets as tfds
 
-    with tfds.testing.mock_data(num_examples=16):
+    with tfds.testing.mock_data(num_examples=64):
         argv = ["train", name, "--workdir", str(tmp_path), "--max-steps", "2", "--no-pictures"]
         code = cli.main([*argv, "--set", *TINY, *extra])
     out, err = capsys.readouterr()
