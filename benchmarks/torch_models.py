@@ -7,12 +7,15 @@ models' (`benchmarks/train_throughput.py` asserts it before timing anything):
   lenet5          28x28x1,  10 classes:     61,706  (tanh, average pooling, first conv padded 2)
   simple_convnet  32x32x3,   4 classes:    356,036  (3x [3x3 conv, ReLU, 2x2 max pool], FC 128, dropout)
   vgg16           32x32x3,  10 classes: 134,301,514 (torchvision layout, 7x7 adaptive pool + 4096-4096 head)
+  vgg16_bn        32x32x3,  10 classes: 134,309,962 (the same with BatchNorm, experiments/vgg16_cifar10.py)
   resnet18        32x32x3,  10 classes: 11,173,962  (CIFAR stem: 3x3 conv, no max pool)
   resnet50        224x224x3, 1000 classes: 25,557,032
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 
 import torch
@@ -66,12 +69,18 @@ VGG16_STAGES = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 class VGG(nn.Module):
     """torchvision's VGG: 3x3 conv + ReLU stages with max pooling, 7x7 adaptive pool, 4096-4096 head."""
 
-    def __init__(self, num_classes: int = 1000, stages=VGG16_STAGES, dropout_rate: float = 0.5):
+    def __init__(
+        self, num_classes: int = 1000, stages=VGG16_STAGES, dropout_rate: float = 0.5,
+        batchnorm: bool = False,
+    ):
         super().__init__()
         layers, c = [], 3
         for width, n in stages:
             for _ in range(n):
-                layers += [nn.Conv2d(c, width, 3, padding=1), nn.ReLU(inplace=True)]
+                layers.append(nn.Conv2d(c, width, 3, padding=1))
+                if batchnorm:
+                    layers.append(nn.BatchNorm2d(width))
+                layers.append(nn.ReLU(inplace=True))
                 c = width
             layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
@@ -172,14 +181,88 @@ def get_torch_model(
         return LeNet5(num_classes, c, 16 * side_h * side_w)
     if name == "simple_convnet":
         return SimpleConvNet(num_classes, c, h)
-    if name == "vgg16":
-        return VGG(num_classes)
+    if name in ("vgg16", "vgg16_bn"):
+        return VGG(num_classes, batchnorm=name == "vgg16_bn")
     if name == "resnet18":
         return ResNet(BasicBlock, (2, 2, 2, 2), num_classes, cifar_stem=cifar_stem)
     if name == "resnet50":
         return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, cifar_stem=cifar_stem)
-    raise ValueError(f"no PyTorch twin for model {name!r}; have lenet5, simple_convnet, vgg16, resnet18, resnet50")
+    raise ValueError(f"no PyTorch twin for model {name!r}; have lenet5, simple_convnet, vgg16, vgg16_bn, resnet18, resnet50")
 
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+class TorchTrainBenchmark:
+    """The PyTorch side of a throughput comparison, shaped like `cnn_jax.bench.TrainBenchmark`.
+
+    Same work per step as the JAX engine's device-resident step: gather the batch of a random
+    permutation from a resident uint8 split, normalise it, forward, cross-entropy, backward, Adam.
+    CPU: eager, float32, NCHW, `torch.set_num_threads(threads)`. CUDA ("GPU mode"): bf16 autocast
+    (AMP), channels_last and `torch.compile`.
+    """
+
+    def __init__(
+        self, model_name: str, batch_size: int, steps: int, *, input_shape, num_classes: int,
+        options: dict | None = None, device: str = "cpu", threads: int | None = None,
+        compile: bool | None = None, seed: int = 0,
+    ):
+        torch.manual_seed(seed)
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        self.gpu = self.device.type == "cuda"
+        self.batch_size, self.steps = batch_size, steps
+        model = get_torch_model(model_name, num_classes=num_classes, input_shape=input_shape,
+                                **(options or {}))
+        self.num_params = count_params(model)
+        model = model.to(self.device)
+        if self.gpu:
+            model = model.to(memory_format=torch.channels_last)
+        model.train()
+        self.opt = torch.optim.Adam(model.parameters(), 1e-3)
+        self.compiled = self.gpu if compile is None else compile
+        self.model = torch.compile(model) if self.compiled else model
+        h, w, c = input_shape
+        gen = torch.Generator().manual_seed(seed)
+        n = steps * batch_size
+        self.images = torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=gen).to(self.device)
+        self.labels = torch.randint(0, num_classes, (n,), generator=gen).to(self.device)
+        self.mean, self.std = 0.5 * 255, 0.25 * 255
+        self.epoch = 0
+        t0 = time.perf_counter()
+        self._train(1)  # first step: allocations, oneDNN primitive creation, torch.compile
+        self.first_call_seconds = time.perf_counter() - t0
+        if steps > 1:
+            self._train(steps - 1)
+
+    def _sync(self, loss):
+        if self.gpu:
+            torch.cuda.synchronize(self.device)
+        return float(loss.detach())
+
+    def _train(self, num_steps: int) -> float:
+        perm = torch.randperm(self.images.shape[0], device=self.device)
+        b = self.batch_size
+        loss = None
+        for i in range(num_steps):
+            idx = perm[i * b : (i + 1) * b]
+            x = (self.images[idx].float() - self.mean) / self.std
+            if self.gpu:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = self.labels[idx]
+            self.opt.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.gpu):
+                loss = nn.functional.cross_entropy(self.model(x), y)
+            loss.backward()
+            self.opt.step()
+        return self._sync(loss)
+
+    def run_window(self) -> float:
+        t0 = time.perf_counter()
+        loss = self._train(self.steps)
+        seconds = time.perf_counter() - t0
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"PyTorch benchmark loss is {loss}")
+        return seconds

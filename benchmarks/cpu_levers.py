@@ -1,0 +1,214 @@
+"""Measure the CPU levers for training throughput, JAX variants and PyTorch eager in one process.
+
+Every variant trains the same model (Adam, softmax cross-entropy, float32) on the same synthetic,
+device-resident batches; timed windows of the variants are interleaved (A B C A B C ...) so a noisy,
+shared machine hits them alike, and each variant reports the median and best window.
+
+  jit          one jitted train step per Python call (donated state)
+  scanK        K steps per call: `lax.scan` over K device-resident batches (no Python per step)
+  fast         the model's convs through benchmarks/fast_conv.py (prototype of a model-side switch)
+  fast+scanK   both
+  torch        PyTorch eager, `torch.set_num_threads(threads)`
+
+XLA flags must be set before JAX starts, so compare flags by running this script once per flag
+setting (`XLA_FLAGS=... python benchmarks/cpu_levers.py ...`); the PyTorch column is the yardstick
+that makes runs comparable.
+
+  python benchmarks/cpu_levers.py --model lenet5 --batch-size 128 --variants jit,fast,fast+scan20,torch
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cnn_jax.bench import BENCH_MODELS
+from cnn_jax.models import get_model
+
+
+@contextlib.contextmanager
+def patched_flax_conv(conv_fn):
+    """Route every flax.linen.Conv through `conv_fn` while tracing (prototype of the layers switch)."""
+    from flax.linen import linear
+
+    original = linear.lax
+    proxy = types.SimpleNamespace(**{k: getattr(jax.lax, k) for k in dir(jax.lax) if not k.startswith("__")})
+    proxy.conv_general_dilated = conv_fn
+    linear.lax = proxy
+    try:
+        yield
+    finally:
+        linear.lax = original
+
+
+def make_jax_variant(model, tx, batches, *, scan_steps: int, fast: bool, seed: int = 0):
+    """Returns (run(n_steps) -> None that blocks, compile_seconds)."""
+    images = batches[0]  # [S, B, ...] device arrays
+    num_batches = images.shape[0]
+    variables = model.init({"params": jax.random.key(seed), "dropout": jax.random.key(1)},
+                           images[0, :1], train=False)
+    params = variables["params"]
+    stats = variables.get("batch_stats", {})
+    opt_state = tx.init(params)
+
+    def one_step(carry, i, data):
+        params, stats, opt_state = carry
+        x = data[0][i % num_batches]
+        y = data[1][i % num_batches]
+
+        def loss_fn(p):
+            v = {"params": p, **({"batch_stats": stats} if stats else {})}
+            logits, new = model.apply(v, x, train=True, rngs={"dropout": jax.random.fold_in(jax.random.key(2), i)},
+                                      mutable=["batch_stats"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new
+
+        (loss, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return (params, new.get("batch_stats", stats), opt_state), loss
+
+    k = max(scan_steps, 1)
+
+    def many(carry, start, data):
+        carry, losses = jax.lax.scan(lambda c, i: one_step(c, i, data), carry, start + jnp.arange(k))
+        return carry, losses[-1]
+
+    def single(carry, i, data):
+        return one_step(carry, i, data)
+
+    fn = jax.jit(many if scan_steps else single, donate_argnums=0)
+    carry = (params, stats, opt_state)
+    ctx = patched_flax_conv(_fast_conv()) if fast else contextlib.nullcontext()
+    t0 = time.perf_counter()
+    with ctx:
+        compiled = fn.lower(carry, jnp.int32(0), batches).compile()
+    compile_s = time.perf_counter() - t0
+    state = {"carry": carry, "i": 0}
+
+    def run(n_steps: int):
+        carry, i = state["carry"], state["i"]
+        loss = None
+        for _ in range(n_steps // k):
+            carry, loss = compiled(carry, jnp.int32(i), batches)
+            i += k
+        jax.block_until_ready(loss)
+        state["carry"], state["i"] = carry, i
+
+    return run, compile_s
+
+
+def _fast_conv():
+    from fast_conv import conv_general_dilated
+
+    return conv_general_dilated
+
+
+def make_torch_variant(name, spec, batch_size, threads, num_batches, seed=0):
+    import torch
+    from torch_models import count_params, get_torch_model
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    model = get_torch_model(name, num_classes=spec["num_classes"], input_shape=spec["input_shape"],
+                            **spec["options"])
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    h, w, c = spec["input_shape"]
+    xs = [torch.randn(batch_size, c, h, w) for _ in range(num_batches)]
+    ys = [torch.randint(0, spec["num_classes"], (batch_size,)) for _ in range(num_batches)]
+    state = {"i": 0}
+
+    def run(n_steps: int):
+        i = state["i"]
+        for _ in range(n_steps):
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(xs[i % num_batches]), ys[i % num_batches])
+            loss.backward()
+            opt.step()
+            i += 1
+        loss.item()
+        state["i"] = i
+
+    return run, count_params(model)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="lenet5")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--variants", default="jit,scan20,fast,fast+scan20,torch")
+    p.add_argument("--steps", type=int, default=40, help="steps per timed window")
+    p.add_argument("--windows", type=int, default=7)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--num-batches", type=int, default=8, help="distinct resident batches cycled")
+    p.add_argument("--json", help="append one JSON line with the results to this file")
+    args = p.parse_args(argv)
+
+    spec = BENCH_MODELS[args.model]
+    model = get_model(args.model, num_classes=spec["num_classes"], **spec["options"])
+    tx = optax.adam(1e-3)
+    rng = np.random.default_rng(0)
+    b = args.batch_size
+    images = jnp.asarray(rng.standard_normal((args.num_batches, b, *spec["input_shape"]), np.float32))
+    labels = jnp.asarray(rng.integers(0, spec["num_classes"], (args.num_batches, b)), jnp.int32)
+
+    runs, info = {}, {}
+    for v in args.variants.split(","):
+        if v == "torch":
+            runs[v], n = make_torch_variant(args.model, spec, b, args.threads, args.num_batches)
+            info[v] = {"params": n}
+            continue
+        fast = v.startswith("fast")
+        rest = v.split("+")[-1] if "+" in v else ("" if v in ("jit", "fast") else v)
+        scan = int(rest[4:]) if rest.startswith("scan") else 0
+        if args.steps % max(scan, 1):
+            raise SystemExit(f"--steps {args.steps} must be a multiple of the scan length {scan}")
+        runs[v], c = make_jax_variant(model, tx, (images, labels), scan_steps=scan, fast=fast)
+        info[v] = {"compile_s": round(c, 2)}
+    for run in runs.values():  # warm-up
+        run(args.steps)
+    times = {v: [] for v in runs}
+    for _ in range(args.windows):
+        for v, run in runs.items():
+            t0 = time.perf_counter()
+            run(args.steps)
+            times[v].append(time.perf_counter() - t0)
+    result = {
+        "model": args.model, "batch_size": b, "threads": args.threads,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_avg_1m": os.getloadavg()[0], "variants": {},
+    }
+    ref = statistics.median(times["torch"]) if "torch" in times else None
+    for v, ts in times.items():
+        med, best = statistics.median(ts), min(ts)
+        entry = {"images_per_sec_median": round(args.steps * b / med, 1),
+                 "images_per_sec_best": round(args.steps * b / best, 1), **info[v]}
+        if ref:
+            entry["ratio_vs_torch_median"] = round(ref / med, 3)
+        result["variants"][v] = entry
+        print(f"{args.model:15s} B={b:<4d} {v:14s} {entry['images_per_sec_median']:9.0f} img/s median "
+              f"({entry['images_per_sec_best']:.0f} best)"
+              + (f"  x{entry['ratio_vs_torch_median']:.2f} torch" if ref else "")
+              + (f"  compile {info[v]['compile_s']}s" if "compile_s" in info[v] else ""))
+    print(f"load average (1 min) at end: {result['load_avg_1m']:.2f}; XLA_FLAGS={result['xla_flags']!r}")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

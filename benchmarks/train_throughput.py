@@ -1,0 +1,171 @@
+"""Train-step throughput, cnn_jax vs PyTorch, alternating in one process.
+
+For every model and batch size: the project's real device-resident train step
+(`cnn_jax.bench.TrainBenchmark`) and the same architecture in PyTorch
+(`benchmarks/torch_models.py`; CPU: eager float32 with the same thread count; GPU: bf16 AMP +
+channels_last + torch.compile, with cnn_jax in bfloat16) are compiled and warmed up, then their
+timed windows alternate (J T J T ...) and the medians are compared: ratio = cnn_jax / PyTorch.
+
+Writes benchmarks/results/train_throughput_<platform>.json and the table in benchmarks/RESULTS.md.
+
+  python benchmarks/train_throughput.py                         # CPU defaults (lenet5, simple_convnet, ...)
+  python benchmarks/train_throughput.py --models lenet5 --batch-sizes 128 --windows 7
+
+Needs the `bench` extra (`pip install -e '.[bench]'`, torch 2.13.0) unless --no-torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import report  # the benchmarks/ helper module
+
+# Default batch sizes and steps per timed window (~1-3 s per window on 2 CPU cores).
+CPU_PLAN = {
+    "lenet5": ((32, 128, 512), {32: 100, 128: 40, 512: 10}),
+    "simple_convnet": ((32, 128, 512), {32: 20, 128: 8, 512: 2}),
+    "vgg16": ((32, 128), {32: 2, 128: 1}),
+    "resnet18": ((32, 128), {32: 2, 128: 1}),
+}
+GPU_PLAN = {
+    "lenet5": ((128, 1024), {128: 200, 1024: 100}),
+    "simple_convnet": ((128, 1024), {128: 200, 1024: 50}),
+    "vgg16": ((128, 256), {128: 50, 256: 30}),
+    "resnet18": ((128, 256), {128: 50, 256: 30}),
+    "resnet50": ((128, 256), {128: 30, 256: 20}),
+}
+
+
+def measure(model, batch_size, steps, windows, *, torch_device, threads, dtype, steps_per_call,
+            use_torch):
+    from cnn_jax.bench import TrainBenchmark, bench_spec
+
+    spec = bench_spec(model)
+    jax_bench = TrainBenchmark(model, batch_size, steps, dtype=dtype, steps_per_call=steps_per_call)
+    torch_bench = None
+    if use_torch:
+        from torch_models import TorchTrainBenchmark
+
+        torch_bench = TorchTrainBenchmark(
+            model, batch_size, steps, input_shape=spec["input_shape"],
+            num_classes=spec["num_classes"], options=spec["options"], device=torch_device,
+            threads=threads,
+        )
+        if torch_bench.num_params != jax_bench.num_params:
+            raise AssertionError(
+                f"{model}: PyTorch twin has {torch_bench.num_params} parameters, cnn_jax "
+                f"{jax_bench.num_params}"
+            )
+    jax_windows, torch_windows = [], []
+    for _ in range(windows):  # alternate J T J T ... so load changes hit both alike
+        jax_windows.append(jax_bench.run_window())
+        if torch_bench is not None:
+            torch_windows.append(torch_bench.run_window())
+    row = jax_bench.result(jax_windows)
+    if torch_bench is not None:
+        torch_ips = steps * batch_size / statistics.median(torch_windows)
+        row.update(
+            torch_images_per_sec=torch_ips,
+            torch_window_images_per_sec=[steps * batch_size / s for s in torch_windows],
+            torch_first_call_seconds=torch_bench.first_call_seconds,
+            torch_mode=("bf16 AMP + channels_last + torch.compile" if torch_bench.gpu
+                        else f"eager float32, {threads} threads"),
+            ratio=row["images_per_sec"] / torch_ips,
+        )
+    del jax_bench, torch_bench
+    gc.collect()
+    return row
+
+
+def fmt(x, spec=".0f"):
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(rows, meta) -> str:
+    lines = [f"### Train-step throughput on {meta['platform'].upper()}", "", *report.header_lines(meta), ""]
+    lines += [
+        ("| model | batch | cnn_jax img/s | PyTorch img/s | ratio cnn_jax/PyTorch | "
+        "cnn_jax compile s | cnn_jax path | peak mem MiB | params |"),
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        path = "compiled loop" if r["compiled_loop"] else "per-step dispatch"
+        mem = None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**20
+        lines.append(
+            f"| {r['model']} | {r['batch_size']} | {fmt(r['images_per_sec'])} | "
+            f"{fmt(r.get('torch_images_per_sec'))} | {fmt(r.get('ratio'), '.2f')} | "
+            f"{fmt(r['compile_seconds'], '.1f')} | {path}, {r['dtype']} | {fmt(mem)} | "
+            f"{r['num_params']:,} |"
+        )
+    lines += [
+        "",
+        (f"Images/s: median of {meta['windows']} timed windows per framework, windows alternating "
+        "in one process after compilation and a warm-up epoch. PyTorch: "
+        f"{meta['torch_mode']}. Peak memory: {meta['memory_note']}."),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", help="comma-separated (default: the platform's plan)")
+    p.add_argument("--batch-sizes", help="comma-separated (default: per model)")
+    p.add_argument("--steps", type=int, help="steps per timed window (default: per model and batch)")
+    p.add_argument("--windows", type=int, default=5)
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch CPU threads")
+    p.add_argument("--steps-per-call", type=int, default=0, help="0: the engine's default")
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--json", help="output JSON (default benchmarks/results/train_throughput_<platform>.json)")
+    p.add_argument("--no-markdown", action="store_true", help="do not touch benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+
+    import jax
+
+    platform_name = jax.devices()[0].platform
+    plan = CPU_PLAN if platform_name == "cpu" else GPU_PLAN
+    models = args.models.split(",") if args.models else list(plan)
+    dtype = "float32" if platform_name == "cpu" else "bfloat16"
+    torch_device = "cpu" if platform_name == "cpu" else "cuda"
+    meta = {
+        "date": report.now(), "command": report.command_line(), "machine": report.machine(),
+        "versions": report.versions(), "platform": platform_name, "windows": args.windows,
+        "torch_mode": (f"eager float32, torch.set_num_threads({args.threads})" if torch_device == "cpu"
+                       else "bf16 autocast + channels_last + torch.compile"),
+        "memory_note": ("growth of the process's peak RSS over the run (CPU; includes compilation "
+                        "and cumulates over rows)" if platform_name == "cpu"
+                        else "device allocator peak_bytes_in_use"),
+    }
+    rows = []
+    for model in models:
+        default_batches, default_steps = plan.get(model, ((128,), {128: 10}))
+        batches = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else default_batches
+        for b in batches:
+            steps = args.steps or default_steps.get(b, 10)
+            row = measure(model, b, steps, args.windows, torch_device=torch_device,
+                          threads=args.threads, dtype=dtype, steps_per_call=args.steps_per_call,
+                          use_torch=not args.no_torch)
+            rows.append(row)
+            print(f"{model:15s} batch {b:4d}: cnn_jax {row['images_per_sec']:9.0f} img/s"
+                  + (f"   PyTorch {row['torch_images_per_sec']:9.0f} img/s   ratio {row['ratio']:.2f}"
+                     if "ratio" in row else "")
+                  + f"   (compile {row['compile_seconds']:.1f}s, load {os.getloadavg()[0]:.1f})",
+                  flush=True)
+    meta["load_average_at_end"] = round(os.getloadavg()[0], 2)
+    out = Path(args.json) if args.json else report.RESULTS_DIR / f"train_throughput_{platform_name}.json"
+    report.write_json(out, {"meta": meta, "rows": rows})
+    print(f"wrote {out}")
+    if not args.no_markdown:
+        report.replace_section(f"train_throughput_{platform_name}", markdown(rows, meta))
+        print(f"updated {report.RESULTS_MD}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
