@@ -116,10 +116,12 @@ class CheckpointStore:
             ),
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=not read_only,  # leftovers of a killed async save
-            read_only=read_only,
+            # Readers never save; Orbax's own read_only mode would only add log warnings.
             create=not read_only,
+            save_root_metadata=not read_only,
         )
         # Naming the handlers lets a fresh process read metadata before any save/restore.
+        self.read_only = read_only
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=options,
@@ -184,6 +186,8 @@ class CheckpointStore:
         Returns once the arrays are copied off the devices; the files are written in the
         background (`wait()` blocks until done).
         """
+        if self.read_only:
+            raise CheckpointError(f"checkpoint store {str(self.directory)!r} is open read-only")
         if step in self.manager.all_steps():
             return False
         metrics = {k: float(v) for k, v in (eval_metrics or {}).items()}

@@ -337,7 +337,8 @@ def train_and_evaluate(
 
     Returns: final_test_accuracy, final_test_loss, final_test_top5_accuracy, best_test_accuracy,
     best_step, steps, epochs, total_steps, wall_time_s, images_per_sec (training, after the
-    first compiled call), num_params, interrupted, resumed_from, damaged_checkpoints.
+    first compiled call), num_params, num_devices, num_processes, interrupted, resumed_from,
+    damaged_checkpoints.
     """
     wall_start = time.time()
     config = config_lib.validate_config(ml_collections.ConfigDict(config.to_dict()))
@@ -481,6 +482,8 @@ def _train(run: _Run, config, workdir: Path, max_steps, reporter, wall_start, is
         "wall_time_s": time.time() - wall_start,
         "images_per_sec": timed_images / timed_seconds if timed_seconds else 0.0,
         "num_params": run.num_params,
+        "num_devices": len(run.devices),
+        "num_processes": jax.process_count(),
         "interrupted": interrupted,
         "resumed_from": start_step if meta else None,
         "damaged_checkpoints": damaged,

@@ -100,6 +100,13 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
         np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
 
 
+def flatten(tree, prefix: str = "") -> dict:
+    """Nested dicts -> {'a/b/c': leaf}."""
+    if isinstance(tree, dict):
+        return {k2: v2 for k, v in tree.items() for k2, v2 in flatten(v, f"{prefix}{k}/").items()}
+    return {prefix.rstrip("/"): tree}
+
+
 def run_script(args, *, env=None, devices: int = 1, timeout: int = 300, **popen):
     """Runs `python tests/train/run_training.py ARGS` with `devices` forced CPU devices."""
     full_env = dict(os.environ)

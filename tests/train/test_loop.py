@@ -1,0 +1,170 @@
+"""`train_and_evaluate` end to end on the synthetic dataset: outputs, resume, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from train_helpers import assert_trees_equal, tiny_config
+
+from cnn_jax.errors import CheckpointError, ConfigError
+from cnn_jax.train import (
+    Reporter,
+    TrainingDivergedError,
+    evaluate,
+    export_npz,
+    load_npz,
+    load_trained,
+    train_and_evaluate,
+)
+from cnn_jax.train.checkpoints import CheckpointStore
+
+RESULT_KEYS = {
+    "final_test_accuracy", "best_test_accuracy", "best_step", "final_test_loss", "steps",
+    "epochs", "wall_time_s", "images_per_sec", "num_params",
+}  # fmt: skip
+
+
+class Recorder(Reporter):
+    def __init__(self):
+        self.calls = []
+
+    def on_start(self, info):
+        self.calls.append(("start", info))
+
+    def on_train_step(self, step, total_steps, metrics):
+        self.calls.append(("train", step, total_steps, metrics))
+
+    def on_eval(self, step, metrics):
+        self.calls.append(("eval", step, metrics))
+
+    def on_end(self, results):
+        self.calls.append(("end", results))
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """One uninterrupted 2-epoch run (64 steps of 8 examples) shared by the tests below."""
+    workdir = tmp_path_factory.mktemp("baseline")
+    recorder = Recorder()
+    results = train_and_evaluate(tiny_config(), workdir, reporter=recorder)
+    _, _, variables = load_trained(workdir)
+    return workdir, results, recorder, variables
+
+
+def test_results_and_reporter_hooks(baseline):
+    _, results, recorder, _ = baseline
+    assert RESULT_KEYS <= set(results)
+    assert results["steps"] == 64 and results["epochs"] == 2.0
+    assert results["final_test_accuracy"] > 0.3  # learnable prototypes (chance: 0.1)
+    assert not results["interrupted"] and results["resumed_from"] is None
+    kinds = [c[0] for c in recorder.calls]
+    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("eval") == 2
+    start = recorder.calls[0][1]
+    assert start["total_steps"] == 64 and start["num_params"] == results["num_params"]
+    assert start["input_shape"] == (8, 8, 1) and start["num_classes"] == 10
+
+
+def test_workdir_outputs(baseline):
+    workdir, results, _, _ = baseline
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["dataset"]["name"] == "synthetic"
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    test = [r for r in records if r["split"] == "test"]
+    assert [r["step"] for r in test] == [32, 64]
+    assert [r["step"] for r in train] == [10, 20, 30, 32, 40, 50, 60, 64]  # every 10 + epoch ends
+    for r in records:
+        assert {"step", "epoch", "split", "loss", "accuracy", "images_per_sec", "wall_time"} <= set(r)
+    assert test[-1]["accuracy"] == results["final_test_accuracy"]
+    assert test[-1]["count"] == 256  # every test example once
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    store = CheckpointStore(workdir, read_only=True)
+    assert 64 in store.all_steps() and store.best_step() == results["best_step"]
+    meta = store.read_meta(64)
+    store.close()
+    assert meta["data_position"] == {
+        "step": 64, "epoch": 2, "step_in_epoch": 0, "steps_per_epoch": 32, "examples_seen": 512
+    }  # fmt: skip
+    assert meta["config"]["train"]["batch_size"] == 8
+
+
+def test_evaluate_and_load_trained(baseline, tmp_path):
+    workdir, results, _, variables = baseline
+    metrics = evaluate(None, workdir, checkpoint="latest")
+    assert metrics["accuracy"] == pytest.approx(results["final_test_accuracy"])
+    assert metrics["count"] == 256 and metrics["step"] == 64
+    config, model, loaded = load_trained(workdir, checkpoint="best")
+    assert config.model.name == "simple_convnet"
+    logits = model.apply(loaded, np.zeros((3, 8, 8, 1), np.float32), train=False)
+    assert logits.shape == (3, 10)
+    path = export_npz(variables, tmp_path / "p.npz")
+    assert_trees_equal(load_npz(path), variables)
+
+
+def test_resume_after_max_steps_is_bit_identical(baseline, tmp_path):
+    """Stop mid-epoch (step 20), resume: same final parameters as the uninterrupted run."""
+    first = train_and_evaluate(tiny_config(), tmp_path, max_steps=20)
+    assert first["steps"] == 20
+    second = train_and_evaluate(tiny_config(), tmp_path)
+    assert second["resumed_from"] == 20 and second["steps"] == 64
+    _, _, variables = load_trained(tmp_path)
+    assert_trees_equal(variables, baseline[3])
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # one record per logged point, none repeated
+    again = train_and_evaluate(tiny_config(), tmp_path)  # finished: nothing to do
+    assert again["steps"] == 64 and again["final_test_accuracy"] == second["final_test_accuracy"]
+
+
+def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    train_and_evaluate(tiny_config(), tmp_path, max_steps=4)
+    diverging = tiny_config("optimizer.learning_rate=1e30")  # same optimizer, absurd step
+    with pytest.raises(TrainingDivergedError, match=r"NaN or infinite at step \d+.*checkpoint \(step 4\)"):
+        train_and_evaluate(diverging, tmp_path)
+    store = CheckpointStore(tmp_path, read_only=True)
+    assert store.all_steps() == [4]
+    store.close()
+    params = load_trained(tmp_path)[2]["params"]
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.batch_size=12", "train.batch_size"),  # not divisible by 8 devices
+        ("optimizer.learning_rate=-1.0", "optimizer.learning_rate"),
+        ("optimizer.name='lion'", "optimizer.name"),
+        ("train.batch_size=0", "train.batch_size"),
+    ],
+)
+def test_invalid_config_is_rejected_before_anything_runs(tmp_path, override, key):
+    if key == "train.batch_size" and "12" in override and jax.device_count() % 12 == 0:
+        pytest.skip("needs a device count that does not divide 12")
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        train_and_evaluate(tiny_config(override), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_second_run_on_a_locked_workdir_is_refused(tmp_path):
+    (tmp_path / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
+    with pytest.raises(CheckpointError, match=f"process id {os.getpid()}"):
+        train_and_evaluate(tiny_config(), tmp_path)
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
+    results = train_and_evaluate(tiny_config(), tmp_path, max_steps=2)
+    assert results["steps"] == 2
+    assert not (tmp_path / ".lock").exists()  # released at the end
+
+
+def test_unwritable_workdir_fails_up_front(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(CheckpointError, match="not writable"):
+        train_and_evaluate(tiny_config(), blocker / "run")
