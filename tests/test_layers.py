@@ -36,8 +36,10 @@ def abstract_init(module, shape, **kwargs):
 def test_activation_by_name(name):
     x = jnp.array([-2.0, 0.0, 3.0])
     reference = {
-        "relu": [0.0, 0.0, 3.0], "leaky_relu": [-0.02, 0.0, 3.0],
-        "sigmoid": 1 / (1 + np.exp(-np.array([-2.0, 0.0, 3.0]))), "tanh": np.tanh([-2.0, 0.0, 3.0]),
+        "relu": [0.0, 0.0, 3.0],
+        "leaky_relu": [-0.02, 0.0, 3.0],
+        "sigmoid": 1 / (1 + np.exp(-np.array([-2.0, 0.0, 3.0]))),
+        "tanh": np.tanh([-2.0, 0.0, 3.0]),
     }[name]
     np.testing.assert_allclose(activation_fn(name)(x), reference, rtol=1e-6)
 
@@ -50,22 +52,40 @@ def test_unknown_activation_lists_valid_names():
 @pytest.mark.parametrize(
     "size, kernel, stride, padding, dilation",
     [
-        (28, 5, 1, "SAME", 1), (28, 5, 1, "VALID", 1), (32, 5, 1, "VALID", 1), (224, 11, 4, 2, 1),
-        (224, 7, 2, 3, 1), (7, 3, 2, "SAME", 1), (8, 3, 2, "SAME", 1), (9, 3, 1, "VALID", 2),
-        (10, 4, 3, [(1, 2)], 1), (5, 1, 2, "VALID", 1),
+        (28, 5, 1, "SAME", 1),
+        (28, 5, 1, "VALID", 1),
+        (32, 5, 1, "VALID", 1),
+        (224, 11, 4, 2, 1),
+        (224, 7, 2, 3, 1),
+        (7, 3, 2, "SAME", 1),
+        (8, 3, 2, "SAME", 1),
+        (9, 3, 1, "VALID", 2),
+        (10, 4, 3, [(1, 2)], 1),
+        (5, 1, 2, "VALID", 1),
     ],
 )
 def test_window_output_sizes_match_flax_conv(size, kernel, stride, padding, dilation):
     conv = nn.Conv(2, (kernel,), strides=stride, padding=padding, kernel_dilation=dilation)
     out = jax.eval_shape(lambda: conv.init_with_output(KEY, jnp.zeros((1, size, 1)))[0])
-    assert window_output_sizes((size,), (kernel,), (stride,), padding, (dilation,)) == out.shape[1:2]
+    assert (
+        window_output_sizes((size,), (kernel,), (stride,), padding, (dilation,)) == out.shape[1:2]
+    )
 
 
 @pytest.mark.parametrize(
     "size, window, stride, pad, expected_out",
     # PyTorch MaxPool2d(ceil_mode=True) output sizes, e.g. GoogLeNet's 112 -> 56 -> 28 -> 14 -> 7.
-    [(112, 3, 2, 0, 56), (56, 3, 2, 0, 28), (14, 2, 2, 0, 7), (110, 3, 2, 0, 55), (26, 3, 2, 0, 13),
-     (7, 3, 1, 1, 7), (2, 3, 2, 0, 1), (5, 2, 2, 1, 3), (4, 2, 2, 1, 3)],
+    [
+        (112, 3, 2, 0, 56),
+        (56, 3, 2, 0, 28),
+        (14, 2, 2, 0, 7),
+        (110, 3, 2, 0, 55),
+        (26, 3, 2, 0, 13),
+        (7, 3, 1, 1, 7),
+        (2, 3, 2, 0, 1),
+        (5, 2, 2, 1, 3),
+        (4, 2, 2, 1, 3),
+    ],
 )
 def test_ceil_mode_padding_gives_pytorch_sizes(size, window, stride, pad, expected_out):
     lo, hi = ceil_mode_padding(size, window, stride, pad)
@@ -217,8 +237,10 @@ def test_dense_head_counts_and_float32_logits():
     assert logits.shape == (3, 10) and logits.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("before, order", [(False, ["hidden1", "dropout1", "logits"]),
-                                           (True, ["dropout1", "hidden1", "logits"])])
+@pytest.mark.parametrize(
+    "before, order",
+    [(False, ["hidden1", "dropout1", "logits"]), (True, ["dropout1", "hidden1", "logits"])],
+)
 def test_dense_head_dropout_placement(before, order):
     head = DenseHead(2, hidden_features=(4,), dropout_rate=0.5, dropout_before_hidden=before)
     rows, _ = summary_rows(head, (3,))

@@ -11,9 +11,7 @@ RNGS = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
 
 def abstract_variables(model, shape, dtype=jnp.float32, train=False):
     """Variable shapes of `model` on `[N, H, W, C]` inputs, via `jax.eval_shape` (no allocation)."""
-    return jax.eval_shape(
-        lambda: model.init(RNGS, jnp.zeros(shape, dtype), train=train)
-    )
+    return jax.eval_shape(lambda: model.init(RNGS, jnp.zeros(shape, dtype), train=train))
 
 
 def numpy_variables(model, shape, seed=0):

@@ -28,7 +28,9 @@ SMALL_INPUTS = {
         for bn in ("", "_bn")
     },
     "googlenet": ({"cifar_stem": True}, (2, 28, 28, 1)),
-    **{f"resnet{depth}": ({"cifar_stem": True}, (2, 32, 32, 3)) for depth in (18, 34, 50, 101, 152)},
+    **{
+        f"resnet{depth}": ({"cifar_stem": True}, (2, 32, 32, 3)) for depth in (18, 34, 50, 101, 152)
+    },
     "densenet121": ({"cifar_stem": True}, (2, 28, 28, 1)),
 }
 # Compiling these on 2 shared CPU cores takes longer than the suite's 20 s budget per test.
@@ -55,7 +57,8 @@ def check_forward(model, shape, jit=True):
     assert bool(jnp.all(jnp.isfinite(logits)))
     if "batch_stats" in variables:
         moved = jax.tree.map(
-            lambda old, new: not np.allclose(old, new), variables["batch_stats"],
+            lambda old, new: not np.allclose(old, new),
+            variables["batch_stats"],
             updates["batch_stats"],
         )
         assert all(jax.tree.leaves(moved)), "every BatchNorm's running stats update in train mode"
@@ -82,8 +85,12 @@ def test_tiny_densenet_forward():
     from cnn_jax.models import DenseNet
 
     model = DenseNet(
-        num_classes=NUM_CLASSES, block_config=(2, 2), growth_rate=4, num_init_features=8,
-        cifar_stem=True, drop_rate=0.1,
+        num_classes=NUM_CLASSES,
+        block_config=(2, 2),
+        growth_rate=4,
+        num_init_features=8,
+        cifar_stem=True,
+        drop_rate=0.1,
     )
     check_forward(model, (2, 28, 28, 1))
 
@@ -105,7 +112,10 @@ def test_bfloat16_activations_float32_params_and_logits(name):
     variables = abstract_variables(model, shape)
     assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
     apply = functools.partial(
-        model.apply, train=True, rngs={"dropout": KEY}, capture_intermediates=True,
+        model.apply,
+        train=True,
+        rngs={"dropout": KEY},
+        capture_intermediates=True,
         mutable=["batch_stats", "intermediates"],
     )
     logits, state = jax.eval_shape(apply, variables, jax.ShapeDtypeStruct(shape, jnp.float32))
@@ -113,13 +123,16 @@ def test_bfloat16_activations_float32_params_and_logits(name):
     outputs = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
     # Only the model itself and its classifier head (which casts logits) return float32.
     float32_outputs = {
-        "/".join(str(k.key) for k in path[:-2]) for path, leaf in outputs if leaf.dtype != jnp.bfloat16
+        "/".join(str(k.key) for k in path[:-2])
+        for path, leaf in outputs
+        if leaf.dtype != jnp.bfloat16
     }
     assert float32_outputs <= {"", "head", "classifier"}, float32_outputs
     assert len(outputs) > 3
 
 
 def test_bfloat16_real_forward():
-    model = get_model("resnet18", num_classes=NUM_CLASSES, dtype=jnp.bfloat16, cifar_stem=True,
-                      num_filters=8)
+    model = get_model(
+        "resnet18", num_classes=NUM_CLASSES, dtype=jnp.bfloat16, cifar_stem=True, num_filters=8
+    )
     check_forward(model, (2, 32, 32, 3))

@@ -52,14 +52,22 @@ def test_lenet5_layer_by_layer():
         for layer, tree in layers.items()
     }
     assert counts == {
-        "block1/conv1": 156, "block2/conv1": 2416,
-        "head/hidden1": 48120, "head/hidden2": 10164, "head/logits": 850,
+        "block1/conv1": 156,
+        "block2/conv1": 2416,
+        "head/hidden1": 48120,
+        "head/hidden2": 10164,
+        "head/logits": 850,
     }
 
 
 def test_zfnet_count_from_its_layer_arithmetic():
-    convs = [(7 * 7 * 3, 96), (5 * 5 * 96, 256), (3 * 3 * 256, 384), (3 * 3 * 384, 384),
-             (3 * 3 * 384, 256)]
+    convs = [
+        (7 * 7 * 3, 96),
+        (5 * 5 * 96, 256),
+        (3 * 3 * 256, 384),
+        (3 * 3 * 384, 384),
+        (3 * 3 * 384, 256),
+    ]
     dense = [(6 * 6 * 256, 4096), (4096, 4096), (4096, 1000)]
     expected = sum(fan_in * out + out for fan_in, out in convs + dense)
     assert expected == 62_357_608
@@ -78,6 +86,7 @@ def test_small_input_variants():
 def test_param_dtype_sets_parameter_dtype_and_not_the_count():
     model = get_model("resnet18", num_classes=10, param_dtype=jnp.bfloat16)
     variables = abstract_variables(model, (1, 32, 32, 3))
-    assert {leaf.dtype for leaf in jax.tree.leaves(variables["params"])} == {jnp.dtype(jnp.bfloat16)}
+    assert {leaf.dtype for leaf in jax.tree.leaves(variables["params"])} == {
+        jnp.dtype(jnp.bfloat16)
+    }
     assert count_params(variables["params"]) == 11_181_642
-

@@ -11,9 +11,26 @@ from cnn_jax.errors import ConfigError
 from cnn_jax.models import available, get_model, model_options
 
 EXPECTED_NAMES = {
-    "lenet5", "simple_convnet", "mlp", "alexnet", "zfnet",
-    "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
-    "googlenet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "densenet121",
+    "lenet5",
+    "simple_convnet",
+    "mlp",
+    "alexnet",
+    "zfnet",
+    "vgg11",
+    "vgg11_bn",
+    "vgg13",
+    "vgg13_bn",
+    "vgg16",
+    "vgg16_bn",
+    "vgg19",
+    "vgg19_bn",
+    "googlenet",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "densenet121",
 }
 
 
@@ -35,8 +52,11 @@ def test_unknown_name_lists_the_valid_ones():
 
 
 def test_unknown_option_names_it_and_the_valid_options():
-    with pytest.raises(ConfigError, match=r"'lenet5' has no option\(s\) 'depth'; valid options: "
-                       r"activation, dtype, first_padding, param_dtype, pooling"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'lenet5' has no option\(s\) 'depth'; valid options: "
+        r"activation, dtype, first_padding, param_dtype, pooling",
+    ):
         get_model("lenet5", num_classes=10, depth=3)
 
 

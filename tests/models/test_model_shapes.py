@@ -15,8 +15,10 @@ STEM_MODELS = {"alexnet", "zfnet", "googlenet", "densenet121", "resnet18", "resn
 SAME_AS_TESTED = {"resnet34", "resnet101", "resnet152"}
 # Without a CIFAR stem (or, for VGG, at all) these inputs are too small; the error names the layer.
 TOO_SMALL = {
-    ("alexnet", 28): "pool2", ("alexnet", 32): "pool5",
-    ("zfnet", 28): "pool2", ("zfnet", 32): "pool5",
+    ("alexnet", 28): "pool2",
+    ("alexnet", 32): "pool5",
+    ("zfnet", 28): "pool2",
+    ("zfnet", 32): "pool5",
     ("densenet121", 28): "transition3/pool",
     **{(f"vgg{d}{bn}", 28): "block5/pool" for d in (11, 13, 16, 19) for bn in ("", "_bn")},
 }
@@ -45,7 +47,8 @@ def test_small_inputs_train_and_eval_shapes(name, cifar_stem, size, channels):
             lambda v, x, train=train: model.apply(
                 v, x, train=train, rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"]
             ),
-            variables, jax.ShapeDtypeStruct(shape, jnp.float32),
+            variables,
+            jax.ShapeDtypeStruct(shape, jnp.float32),
         )
         assert logits.shape == (2, 10) and logits.dtype == jnp.float32
 
