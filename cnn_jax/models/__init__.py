@@ -6,6 +6,11 @@ Every model is a `flax.linen.Module` called as `model.apply(variables, x, train=
 'dropout' rng when `train=True`. Options are the model's dataclass fields, e.g. `dtype`,
 `param_dtype`, `cifar_stem`, `activation`.
 
+Too-small inputs raise `cnn_jax.errors.ShapeError` naming the first layer whose output would be
+empty. The check uses static shapes while the model is traced, before that layer runs: under
+`jax.jit` / `jax.eval_shape` (how init and training run) nothing is computed at all; when called
+eagerly, only the layers before the offending one have run.
+
 This package imports only jax, flax and numpy (never tensorflow, tfds or orbax), so other projects
 can use it alone.
 """
