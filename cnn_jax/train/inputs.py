@@ -112,8 +112,10 @@ def load_inputs(config: ml_collections.ConfigDict, *, eval_only: bool = False) -
     shard = (jax.process_index(), processes)
     local_batch = int(config.train.batch_size) // processes
     local_eval_batch = int(config.train.eval_batch_size) // processes
-    num_train = _count_examples(info, train_split, classes, data_dir) // processes * processes
-    num_eval = _count_examples(info, eval_split, classes, data_dir)
+    count = functools.partial(_count_examples, info, classes=classes, data_dir=data_dir, config=config)
+    # Train shards are made equal (drop remainder), so the global epoch is processes x shard.
+    num_train = count(train_split, shard=shard, drop_remainder=True) * processes
+    num_eval = count(eval_split)
     # Every process must run the same number of eval steps (collectives): pad with empty batches.
     eval_steps = math.ceil(math.ceil(num_eval / processes) / local_eval_batch)
     image_size = int(d.image_size) or None
@@ -147,17 +149,28 @@ def load_inputs(config: ml_collections.ConfigDict, *, eval_only: bool = False) -
     )
 
 
-def _count_examples(info, split: str, classes, data_dir) -> int:
-    """Examples in a tfds split (after the class filter), without decoding any image."""
+def _count_examples(
+    info, split: str, *, classes, data_dir, config, shard=None, drop_remainder=False
+) -> int:
+    """Examples in a split (or shard), after the class filter, without decoding any image."""
     from cnn_jax.data import _tf, loading
 
+    if info.name == "synthetic":
+        return len(load_split_arrays("synthetic", split, shard=shard, classes=classes, config=config,
+                                     drop_remainder=drop_remainder)[1])  # fmt: skip
+    tf, tfds = _tf.tf(), _tf.tfds()
     builder = loading.open_builder(info, data_dir)
-    if not classes:
-        return int(builder.info.splits[split].num_examples)
-    tfds = _tf.tfds()
-    ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
-    wanted = {int(c) for c in classes}
-    return sum(int(label) in wanted for label in tfds.as_numpy(ds.map(lambda ex: ex["label"])))
+    ds = builder.as_dataset(
+        split=loading.shard_split(split, shard, drop_remainder=drop_remainder),
+        decoders={"image": tfds.decode.SkipDecoding()},
+    )
+    if classes:
+        wanted = tf.constant([int(c) for c in classes], tf.int64)
+        ds = ds.filter(lambda ex: tf.reduce_any(tf.equal(tf.cast(ex["label"], tf.int64), wanted)))
+    n = int(ds.cardinality())
+    if n >= 0:
+        return n
+    return int(ds.map(lambda ex: ex["label"]).reduce(np.int64(0), lambda c, _: c + 1))
 
 
 def steps_per_epoch(num_train: int, batch_size: int) -> int:
