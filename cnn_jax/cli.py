@@ -135,10 +135,8 @@ def _percent(x: float | None) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _make_reporter(header=None):
-    """A `Reporter` that draws a tqdm progress bar and prints evaluation results.
-
-    header(info) -> str, if given, is printed when training starts."""
+def _make_reporter():
+    """A `Reporter` that draws a tqdm progress bar and prints evaluation results."""
     from tqdm.auto import tqdm
 
     from cnn_jax.train.reporting import Reporter
@@ -150,8 +148,6 @@ def _make_reporter(header=None):
 
         def on_start(self, info: dict) -> None:
             self.info = dict(info)
-            if header is not None:
-                _out(header(info))
             if info.get("resumed_from"):
                 _out(f"resuming from the checkpoint of step {info['resumed_from']}")
             self.bar = tqdm(
@@ -191,22 +187,10 @@ def _make_reporter(header=None):
     return TqdmReporter()
 
 
-def _summary_line(config, info: dict) -> str:
-    """`model lenet5: 61,706 parameters, input 32x32x1, 10 classes` from the engine's start info
-    or, where it says less, from the model itself."""
-    num_params, shape, classes = info.get("num_params"), info.get("input_shape"), None
-    if num_params is None or shape is None:
-        num_params, shape, classes = _model_facts(config)
-    classes = info.get("num_classes", classes)
-    text = (
-        f"model {config.model.name}: {num_params:,} parameters, input {'x'.join(map(str, shape))}"
-    )
-    return text + (f", {classes} classes" if classes else "")
-
-
-def _model_facts(config) -> tuple[int, tuple[int, ...], int]:
-    """(parameter count, input shape H,W,C, class count) of the configured model, without
-    computing anything (shapes only)."""
+def _model_line(config) -> str:
+    """`model lenet5: 61,706 parameters, input 32x32x1, 10 classes`, from shapes only (no
+    compute, no data loading), so an unknown model, dataset or option, or an input too small
+    for the model, fails in a second rather than after the data is loaded."""
     import jax
     import jax.numpy as jnp
 
@@ -214,7 +198,7 @@ def _model_facts(config) -> tuple[int, tuple[int, ...], int]:
     from cnn_jax.models import get_model
     from cnn_jax.models.summary import count_params
 
-    info = get_dataset_info(config.dataset.name, config)
+    info = get_dataset_info(config.dataset.name, config, data_dir=config.dataset.data_dir or None)
     h, w, c = info.image_shape
     if config.dataset.image_size:
         h = w = config.dataset.image_size
@@ -223,20 +207,23 @@ def _model_facts(config) -> tuple[int, tuple[int, ...], int]:
     variables = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, h, w, c)), train=False)
     )
-    return count_params(variables["params"]), (h, w, c), classes
+    return (
+        f"model {config.model.name}: {count_params(variables['params']):,} parameters, "
+        f"input {h}x{w}x{c}, {classes} classes"
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     config = _resolve_config(args.experiment, args.overrides)
     workdir = Path(args.workdir) if args.workdir else _default_workdir(args.experiment)
-    _out(*_format_config(config), f"workdir: {workdir}")
+    _out(*_format_config(config), f"workdir: {workdir}", _model_line(config))
 
     import jax
 
     from cnn_jax.train import Reporter, train_and_evaluate
 
     main_process = jax.process_index() == 0  # in a multi-host job, only process 0 reports
-    reporter = _make_reporter(header=lambda info: _summary_line(config, info))
+    reporter = _make_reporter()
     if not main_process:
         reporter = Reporter()
     try:
@@ -441,6 +428,37 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scripts() -> dict[str, Path]:
+    from cnn_jax.config import EXPERIMENTS_DIR
+
+    return {
+        p.stem: p
+        for p in sorted(EXPERIMENTS_DIR.glob("*.py"))
+        if "def main(" in p.read_text() and "def get_config(" not in p.read_text()
+    }
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    scripts = _scripts()
+    if args.script not in scripts:
+        raise ConfigError(
+            f"unknown script experiment {args.script!r}; expected one of: "
+            f"{', '.join(scripts) or '(none)'} (config experiments run with '{PROG} train')"
+        )
+    spec = importlib.util.spec_from_file_location(
+        f"cnn_jax_script_{args.script}", scripts[args.script]
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv0, sys.argv[0] = sys.argv[0], f"{PROG} run {args.script}"  # the script's usage line
+    try:
+        return int(module.main(args.args) or 0)
+    finally:
+        sys.argv[0] = argv0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from cnn_jax.bench import run_benchmark
 
@@ -613,6 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--invert", action="store_true", help="invert the --image grey levels")
             q.add_argument("--index", type=int, help="test image index (default: the first '8')")
             q.add_argument("--label", default="8", help="class name of the test image (default: 8)")
+
+    p = add("run", "run a script experiment from experiments/ (e.g. filters, mlp_vs_cnn)", cmd_run)
+    p.add_argument("script", metavar="SCRIPT", help="filters, feature_maps or mlp_vs_cnn")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the script's own options (see --help)")
 
     if importlib.util.find_spec("cnn_jax.bench") is not None:
         p = add("bench", "measure the training throughput of a model (synthetic data)", cmd_bench)

@@ -35,6 +35,10 @@ ERROR_CASES = [
     (["train", "lenet5_digits", "--set", "optimizer.name=sgdd"], "optimizer.name"),
     (["train", "lenet5_digits", "--set", "justakey"], "expected key=value"),
     (["train", "lenet5_digits", "--max-steps", "0"], "positive integer"),
+    (["train", "lenet5_digits", "--set", "dataset.name=nope"], "unknown dataset 'nope'"),
+    (["train", "lenet5_digits", "--set", "model.name=nope"], "unknown model 'nope'"),
+    (["train", "lenet5_digits", "--set", "model.options.colour=3"], "has no option(s) 'colour'"),
+    (["train", "lenet5_digits", "--set", "dataset.image_size=4"], "input too small"),
     (["eval", "lenet5_digits", "--workdir", MISSING], f"workdir '{MISSING}' does not exist"),
     (["eval", "lenet5_digits", "--checkpoint", "newest"], "'latest', 'best' or a step"),
     (["export", "--workdir", MISSING, "--out", "x.npz"], "does not exist"),
@@ -46,6 +50,9 @@ ERROR_CASES = [
     (["data", "frob"], "invalid choice"),
     (["visualize", "curves", "--workdir", MISSING], "does not exist"),
     (["visualize", "filters"], "--workdir"),
+    (["run", "nope"], "unknown script experiment 'nope'; expected one of: feature_maps, filters"),
+    (["run", "lenet5_digits"], "unknown script experiment"),
+    (["run", "filters", "--bogus"], "unrecognized arguments: --bogus"),
 ]
 
 
@@ -103,6 +110,7 @@ HELP_COMMANDS = [
     ["visualize", "filters"],
     ["visualize", "feature-maps"],
     ["visualize", "curves"],
+    ["run"],
 ]
 
 

@@ -81,10 +81,10 @@ MOCKED = [
     pytest.param("simple_convnet_cifar4", [], id="simple_convnet_cifar4"),
     pytest.param("vgg16_cifar10", [], id="vgg16_cifar10", marks=pytest.mark.slow),
     pytest.param("resnet18_cifar10", [], id="resnet18_cifar10", marks=pytest.mark.slow),
-    # 64x64 instead of 224x224 keeps the CPU compile short; the model and recipe are unchanged.
+    # 32x32 instead of 224x224 keeps the CPU run short; the model and recipe are unchanged.
     pytest.param(
         "resnet50_imagenet",
-        ["dataset.image_size=64"],
+        ["dataset.image_size=32"],
         id="resnet50_imagenet",
         marks=pytest.mark.slow,
     ),
@@ -104,8 +104,8 @@ def test_config_runs_on_mock_data(tmp_path, capsys, name, extra):
     assert (tmp_path / "metrics.jsonl").exists()
 
 
-def test_filters_script(tmp_path, capsys):
-    assert run_script("filters", ["--workdir", str(tmp_path)]) == 0
+def test_filters_script_through_the_cli(tmp_path, capsys):
+    assert cli.main(["run", "filters", "--workdir", str(tmp_path)]) == 0
     for name in ("filters_digit.png", "filters_photo.png"):
         assert_png(tmp_path / name)
     rows = json.loads((tmp_path / "output_sizes.json").read_text())
