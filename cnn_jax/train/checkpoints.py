@@ -16,6 +16,7 @@ rebuild the model; `state` holds the whole `TrainState` (host layout).
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +263,16 @@ class CheckpointStore:
             ) from e
         return restored["state"], dict(restored["meta"])
 
+    def set_aside(self, step: int) -> Path:
+        """Renames a damaged checkpoint to `damaged-<step>-<time>` (kept for inspection, no
+        longer a step, so training can write that step again). Returns the new path."""
+        target = self.directory / f"damaged-{step}-{int(time.time())}"
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(target)
+        _sync_processes(f"cnn_jax_set_aside_{step}")
+        self.manager.reload()
+        return target
+
     def wait(self) -> None:
         """Blocks until every pending asynchronous save is on disk."""
         self.manager.wait_until_finished()
@@ -269,6 +280,13 @@ class CheckpointStore:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _jsonable(value: Any) -> Any:

@@ -206,9 +206,9 @@ class _Run:
             try:
                 host_state, meta = self.store.restore(step, self.abstract_state)
             except DamagedCheckpointError as e:
-                if self.config.checkpoint.get("strict_resume", False):
+                if self.config.checkpoint.strict_resume:
                     raise
-                damaged.append(f"{step}: {e}")
+                damaged.append(f"{e} (moved to {self.store.set_aside(step)})")
                 continue
             return self.backend.to_device_state(host_state), step, meta, damaged
         if damaged:
@@ -468,8 +468,8 @@ def _train(run: _Run, config, workdir: Path, max_steps, reporter, wall_start, is
         run.store.close()  # waits for the asynchronous writes
         writer.close()
 
-    if last_eval is None or (last_eval.get("step") != step and not interrupted):
-        last_eval = {"step": step, **run.evaluate(state)}
+    if not interrupted and (last_eval is None or last_eval.get("step") != step):
+        last_eval = {"step": step, **run.evaluate(state)}  # e.g. resumed a finished run
     results = {
         "final_test_accuracy": last_eval["accuracy"] if last_eval else None,
         "final_test_loss": last_eval["loss"] if last_eval else None,

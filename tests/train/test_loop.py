@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ from cnn_jax.train import (
     load_trained,
     train_and_evaluate,
 )
-from cnn_jax.train.checkpoints import CheckpointStore
+from cnn_jax.train.checkpoints import CheckpointStore, DamagedCheckpointError
 
 RESULT_KEYS = {
     "final_test_accuracy", "best_test_accuracy", "best_step", "final_test_loss", "steps",
@@ -168,3 +169,26 @@ def test_unwritable_workdir_fails_up_front(tmp_path):
     blocker.write_text("")
     with pytest.raises(CheckpointError, match="not writable"):
         train_and_evaluate(tiny_config(), blocker / "run")
+
+
+def _damaged_copy(baseline_dir, tmp_path, step):
+    workdir = tmp_path / "run"
+    shutil.copytree(baseline_dir, workdir)
+    for data_dir in (workdir / "checkpoints" / str(step) / "state").rglob("d"):
+        shutil.rmtree(data_dir)
+    return workdir
+
+
+def test_damaged_newest_checkpoint_resumes_from_the_previous_one(baseline, tmp_path):
+    workdir = _damaged_copy(baseline[0], tmp_path, 64)
+    results = train_and_evaluate(tiny_config(), workdir)
+    assert results["resumed_from"] == 32 and results["steps"] == 64
+    assert len(results["damaged_checkpoints"]) == 1 and "checkpoints/64" in results["damaged_checkpoints"][0]
+    assert list((workdir / "checkpoints").glob("damaged-64-*"))  # kept aside for inspection
+    assert_trees_equal(load_trained(workdir)[2], baseline[3])
+
+
+def test_damaged_checkpoint_with_strict_resume_stops(baseline, tmp_path):
+    workdir = _damaged_copy(baseline[0], tmp_path, 64)
+    with pytest.raises(DamagedCheckpointError, match="checkpoints/64 is damaged"):
+        train_and_evaluate(tiny_config("checkpoint.strict_resume=True"), workdir)
