@@ -137,17 +137,15 @@ def _percent(x: float | None) -> str:
 
 def _make_reporter():
     """A `Reporter` that draws a tqdm progress bar and prints evaluation results."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from cnn_jax.train.reporting import Reporter
 
     class TqdmReporter(Reporter):
         def __init__(self):
             self.bar = None
-            self.info: dict = {}
 
         def on_start(self, info: dict) -> None:
-            self.info = dict(info)
             if info.get("resumed_from"):
                 _out(f"resuming from the checkpoint of step {info['resumed_from']}")
             self.bar = tqdm(
@@ -223,9 +221,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cnn_jax.train import Reporter, train_and_evaluate
 
     main_process = jax.process_index() == 0  # in a multi-host job, only process 0 reports
-    reporter = _make_reporter()
-    if not main_process:
-        reporter = Reporter()
+    reporter = _make_reporter() if main_process else Reporter()
     try:
         results = train_and_evaluate(config, workdir, max_steps=args.max_steps, reporter=reporter)
     finally:
