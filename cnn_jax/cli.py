@@ -146,6 +146,8 @@ def _make_reporter():
             self.bar = None
 
         def on_start(self, info: dict) -> None:
+            for damaged in info.get("damaged_checkpoints") or []:
+                print(f"{PROG}: warning: skipped a damaged checkpoint: {damaged}", file=sys.stderr)
             if info.get("resumed_from"):
                 _out(f"resuming from the checkpoint of step {info['resumed_from']}")
             self.bar = tqdm(
@@ -212,7 +214,8 @@ def _model_line(config) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    config = _resolve_config(args.experiment, args.overrides)
+    strict = ["checkpoint.strict_resume=True"] if args.strict else []
+    config = _resolve_config(args.experiment, [*args.overrides, *strict])
     workdir = Path(args.workdir) if args.workdir else _default_workdir(args.experiment)
     _out(*_format_config(config), f"workdir: {workdir}", _model_line(config))
 
@@ -535,6 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-pictures",
         action="store_true",
         help="skip the training-curve, filter and feature-map PNGs",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop if the newest checkpoint is damaged, instead of resuming from an older one",
     )
 
     p = add("eval", "evaluate a trained checkpoint on the test split", cmd_eval)

@@ -59,6 +59,7 @@ def test_every_config_is_listed_and_valid():
         get_dataset_info(config.dataset.name, config)
 
 
+@pytest.mark.slow
 def test_lenet5_digits_train_resume_and_pictures(tmp_path, capsys):
     workdir = tmp_path / "run"
     argv = ["train", "lenet5_digits", "--workdir", str(workdir), "--set", *TINY]
@@ -73,6 +74,17 @@ def test_lenet5_digits_train_resume_and_pictures(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "resuming from the checkpoint of step 2" in out
     assert "3 steps" in out
+
+    # A damaged newest checkpoint: --strict stops; otherwise the run resumes from the one before.
+    for data_file in (workdir / "checkpoints" / "3" / "state").rglob("d/*"):
+        data_file.write_bytes(b"")
+    assert cli.main([*argv, "--max-steps", "4", "--no-pictures", "--strict"]) == 2
+    _, err = capsys.readouterr()
+    assert "damaged" in err and "Traceback" not in err
+    assert cli.main([*argv, "--max-steps", "4", "--no-pictures"]) == 0
+    out, err = capsys.readouterr()
+    assert "warning: skipped a damaged checkpoint" in err
+    assert "resuming from the checkpoint of step 2" in out
 
 
 MOCKED = [
