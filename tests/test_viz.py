@@ -83,3 +83,18 @@ def test_plot_probabilities(tmp_path):
 def test_plot_shift_robustness(tmp_path):
     table = {"mlp": {0: 0.97, 1: 0.8, 2: 0.5}, "cnn": {"0": 0.99, "1": 0.98, "2": 0.9}}
     assert_png(viz.plot_shift_robustness(table, tmp_path / "shift.png"))
+
+
+def test_read_metrics_bins_fractional_epochs(tmp_path):
+    """Train records logged mid-epoch (the engine's format) count towards the epoch they end."""
+    records = [
+        {"step": 5, "split": "train", "epoch": 0.5, "loss": 2.0, "accuracy": 0.2},
+        {"step": 10, "split": "train", "epoch": 1.0, "loss": 1.0, "accuracy": 0.4},
+        {"step": 10, "split": "test", "epoch": 1.0, "loss": 1.5, "accuracy": 0.3},
+        {"step": 15, "split": "train", "epoch": 1.5, "loss": 0.5, "accuracy": 0.8},
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    curves = viz.read_metrics(path)
+    assert curves["train"]["loss"] == [(1, 1.5), (2, 0.5)]
+    assert curves["test"]["accuracy"] == [(1, 0.3)]
