@@ -5,7 +5,8 @@ Public entry points (see CONTRACT/README): `train_and_evaluate`, `evaluate`, `lo
 """
 
 from cnn_jax.train.checkpoints import export_npz, load_npz
-from cnn_jax.train.loop import TrainingDivergedError, evaluate, load_trained, train_and_evaluate
+from cnn_jax.train.inference import evaluate, load_trained
+from cnn_jax.train.loop import TrainingDivergedError, train_and_evaluate
 from cnn_jax.train.reporting import Reporter
 
 __all__ = [

@@ -112,7 +112,9 @@ def load_inputs(config: ml_collections.ConfigDict, *, eval_only: bool = False) -
     shard = (jax.process_index(), processes)
     local_batch = int(config.train.batch_size) // processes
     local_eval_batch = int(config.train.eval_batch_size) // processes
-    count = functools.partial(_count_examples, info, classes=classes, data_dir=data_dir, config=config)
+    count = functools.partial(
+        _count_examples, info, classes=classes, data_dir=data_dir, config=config
+    )
     # Train shards are made equal (drop remainder), so the global epoch is processes x shard.
     num_train = 0 if eval_only else count(train_split, shard=shard, drop_remainder=True) * processes
     num_eval = count(eval_split)

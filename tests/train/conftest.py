@@ -18,11 +18,20 @@ def eight_devices(request):
         return jax.devices()[:8]
     if os.environ.get("CNN_JAX_TEST_SUBPROCESS"):
         pytest.fail("8 devices requested but the subprocess has fewer")
-    env = dict(os.environ, CNN_JAX_TEST_SUBPROCESS="1", TF_CPP_MIN_LOG_LEVEL="2",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ,
+        CNN_JAX_TEST_SUBPROCESS="1",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+    )
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
-        env=env, capture_output=True, text=True, cwd=str(request.config.rootpath), timeout=900,
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=str(request.config.rootpath),
+        timeout=900,
         check=False,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

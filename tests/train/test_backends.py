@@ -33,7 +33,12 @@ def _backend(name, devices, *, model=None, compiled_loop=False, grad_accum_steps
         compiled_loop=compiled_loop,
     )
     return backends.make_backend(
-        name, model or TinyCNN(), tx or optax.adam(1e-2), simple_preprocess, settings, devices=devices
+        name,
+        model or TinyCNN(),
+        tx or optax.adam(1e-2),
+        simple_preprocess,
+        settings,
+        devices=devices,
     )
 
 
@@ -69,7 +74,9 @@ def test_jit_on_8_devices_and_pmap_match_one_device(eight_devices):
 def test_jit_batchnorm_and_grad_accumulation_on_8_devices_match_one_device(eight_devices):
     """jit is one global program: BatchNorm sees the global batch on any device count."""
     model = TinyCNN(use_bn=True)
-    one, losses_one = _train(_backend("jit", eight_devices[:1], model=model, grad_accum_steps=2), [4])
+    one, losses_one = _train(
+        _backend("jit", eight_devices[:1], model=model, grad_accum_steps=2), [4]
+    )
     jit8, losses_8 = _train(_backend("jit", eight_devices, model=model, grad_accum_steps=2), [4])
     np.testing.assert_allclose(losses_8, losses_one, rtol=1e-5)
     assert_trees_close(jit8.params, one.params, rtol=1e-4, atol=1e-6)
@@ -84,7 +91,9 @@ def test_chunking_does_not_change_results_bit_for_bit(compiled_loop):
     backend = _backend("jit", devices, compiled_loop=compiled_loop)
     chunked, losses_b = _train(backend, [5, 3, 2])
     assert_trees_equal(one_by_one, chunked)
-    assert sum(losses_a) == pytest.approx(5 * losses_b[0] + 3 * losses_b[1] + 2 * losses_b[2], rel=1e-5)
+    assert sum(losses_a) == pytest.approx(
+        5 * losses_b[0] + 3 * losses_b[1] + 2 * losses_b[2], rel=1e-5
+    )
 
 
 def test_compiled_loop_matches_per_step_dispatch():
@@ -104,9 +113,13 @@ def test_resident_batches_follow_the_data_order_contract():
     fed = _backend("jit", devices)
     state = fed.create_state(IMAGE_SHAPE, jax.random.PRNGKey(0))
     for step in range(SPE + 2):
-        idx = np.asarray(order.batch_indices(jax.random.PRNGKey(1), step, num_examples=N, batch_size=B))
+        idx = np.asarray(
+            order.batch_indices(jax.random.PRNGKey(1), step, num_examples=N, batch_size=B)
+        )
         state, _ = fed.train_batch(state, {"image": images[idx], "label": labels[idx]})
-    assert_trees_close(resident_state.params, fed.to_host_layout(state).params, rtol=1e-5, atol=1e-7)
+    assert_trees_close(
+        resident_state.params, fed.to_host_layout(state).params, rtol=1e-5, atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("name", ["jit", "pmap"])
@@ -115,7 +128,9 @@ def test_evaluation_counts_every_example_once(name, eight_devices):
     backend = _backend(name, eight_devices)
     state = backend.create_state(IMAGE_SHAPE, jax.random.PRNGKey(0))
     padded = backends.pad_eval_split(images, labels, 64)
-    metrics = summarize_eval(jax.device_get(backend.evaluate_resident(state, backend.put_resident(*padded))))
+    metrics = summarize_eval(
+        jax.device_get(backend.evaluate_resident(state, backend.put_resident(*padded)))
+    )
     assert metrics["count"] == 100
     host = backend.to_host_layout(state)
     logits = TinyCNN().apply(host.variables(), jnp.asarray(images, jnp.float32) / 255.0)

@@ -84,7 +84,10 @@ def test_restoring_into_a_different_model_names_the_mismatches(tmp_path, state):
     with pytest.raises(IncompatibleCheckpointError) as info:
         store.restore(1, wider)
     message = str(info.value)
-    assert "params/Dense_0/kernel: checkpoint has shape (4, 10), model/optimizer expects (4, 7)" in message
+    assert (
+        "params/Dense_0/kernel: checkpoint has shape (4, 10), model/optimizer expects (4, 7)"
+        in message
+    )
     assert "params/Dense_0/bias" in message
     assert "opt_state" in message  # the momentum buffers differ too
 
@@ -117,7 +120,9 @@ def test_export_npz_round_trip_without_orbax(tmp_path, state):
     with np.load(path) as archive:  # plain numpy is enough to read it
         assert "params/Conv_0/kernel" in archive.files
         assert "batch_stats/BatchNorm_0/mean" in archive.files
-        np.testing.assert_array_equal(archive["params/Conv_0/kernel"], variables["params"]["Conv_0"]["kernel"])
+        np.testing.assert_array_equal(
+            archive["params/Conv_0/kernel"], variables["params"]["Conv_0"]["kernel"]
+        )
     loaded = load_npz(path)
     assert_trees_equal(loaded, variables)
     x = np.zeros((2, *IMAGE_SHAPE), np.float32)

@@ -27,7 +27,9 @@ def test_train_and_evaluate_on_mock_mnist(tmp_path, feeder):
 @pytest.mark.slow
 def test_lenet5_on_real_digits_reaches_97_percent(tmp_path):
     """The main job (`make run`): LeNet-5 on scikit-learn's digits, >= 97% test accuracy."""
-    config = apply_overrides(load_config("lenet5_digits"), [f"dataset.data_dir={tmp_path / 'data'}"])
+    config = apply_overrides(
+        load_config("lenet5_digits"), [f"dataset.data_dir={tmp_path / 'data'}"]
+    )
     results = train_and_evaluate(config, tmp_path / "run")
     assert results["final_test_accuracy"] >= 0.97
     assert results["num_params"] == 61706

@@ -42,7 +42,7 @@ def _finish(proc, timeout=300):
     stdout, stderr = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, stderr[-3000:]
     line = [x for x in stdout.splitlines() if x.startswith("results ")][-1]
-    return json.loads(line[len("results "):])
+    return json.loads(line[len("results ") :])
 
 
 def _wait_for_progress(proc, at_least: int) -> int:

@@ -79,7 +79,9 @@ def test_workdir_outputs(baseline):
     assert [r["step"] for r in test] == [32, 64]
     assert [r["step"] for r in train] == [10, 20, 30, 32, 40, 50, 60, 64]  # every 10 + epoch ends
     for r in records:
-        assert {"step", "epoch", "split", "loss", "accuracy", "images_per_sec", "wall_time"} <= set(r)
+        assert {"step", "epoch", "split", "loss", "accuracy", "images_per_sec", "wall_time"} <= set(
+            r
+        )
     assert test[-1]["accuracy"] == results["final_test_accuracy"]
     assert test[-1]["count"] == 256  # every test example once
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
@@ -114,7 +116,9 @@ def test_resume_after_max_steps_is_bit_identical(baseline, tmp_path):
     assert second["resumed_from"] == 20 and second["steps"] == 64
     _, _, variables = load_trained(tmp_path)
     assert_trees_equal(variables, baseline[3])
-    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == sorted(steps)  # one record per logged point, none repeated
     again = train_and_evaluate(tiny_config(), tmp_path)  # finished: nothing to do
     assert again["steps"] == 64 and again["final_test_accuracy"] == second["final_test_accuracy"]
@@ -123,7 +127,9 @@ def test_resume_after_max_steps_is_bit_identical(baseline, tmp_path):
 def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     train_and_evaluate(tiny_config(), tmp_path, max_steps=4)
     diverging = tiny_config("optimizer.learning_rate=1e30")  # same optimizer, absurd step
-    with pytest.raises(TrainingDivergedError, match=r"NaN or infinite at step \d+.*checkpoint \(step 4\)"):
+    with pytest.raises(
+        TrainingDivergedError, match=r"NaN or infinite at step \d+.*checkpoint \(step 4\)"
+    ):
         train_and_evaluate(diverging, tmp_path)
     store = CheckpointStore(tmp_path, read_only=True)
     assert store.all_steps() == [4]
@@ -183,7 +189,10 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one(baseline, tmp_p
     workdir = _damaged_copy(baseline[0], tmp_path, 64)
     results = train_and_evaluate(tiny_config(), workdir)
     assert results["resumed_from"] == 32 and results["steps"] == 64
-    assert len(results["damaged_checkpoints"]) == 1 and "checkpoints/64" in results["damaged_checkpoints"][0]
+    assert (
+        len(results["damaged_checkpoints"]) == 1
+        and "checkpoints/64" in results["damaged_checkpoints"][0]
+    )
     assert list((workdir / "checkpoints").glob("damaged-64-*"))  # kept aside for inspection
     assert_trees_equal(load_trained(workdir)[2], baseline[3])
 

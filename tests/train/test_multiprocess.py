@@ -25,7 +25,10 @@ def _free_port() -> int:
 def test_two_processes_match_one_process(tmp_path):
     single = run_script(
         ["--config", CONFIG, "--workdir", tmp_path / "single", "--out", tmp_path / "single.npz"],
-        devices=4, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        devices=4,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     out, err = single.communicate(timeout=600)
     assert single.returncode == 0, err[-3000:]
@@ -35,7 +38,10 @@ def test_two_processes_match_one_process(tmp_path):
     procs = [
         run_script(
             [*multi, "--coordinator", coordinator, "--num-processes", 2, "--process-id", i],
-            devices=2, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            devices=2,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for i in range(2)
     ]
@@ -43,7 +49,7 @@ def test_two_processes_match_one_process(tmp_path):
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
         line = [x for x in out.splitlines() if x.startswith("results ")][-1]
-        results = json.loads(line[len("results "):])
+        results = json.loads(line[len("results ") :])
         assert results["num_processes"] == 2 and results["num_devices"] == 4
 
     a, b = flatten(load_npz(tmp_path / "single.npz")), flatten(load_npz(tmp_path / "multi.npz"))

@@ -31,7 +31,9 @@ def test_cross_entropy_and_label_smoothing_match_the_formula():
     logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
     labels = jnp.array([0, 1])
     logp = jax.nn.log_softmax(logits)
-    np.testing.assert_allclose(cross_entropy(logits, labels), -logp[jnp.arange(2), labels], rtol=1e-6)
+    np.testing.assert_allclose(
+        cross_entropy(logits, labels), -logp[jnp.arange(2), labels], rtol=1e-6
+    )
     eps, k = 0.3, 3
     smooth = jax.nn.one_hot(labels, k) * (1 - eps) + eps / k
     np.testing.assert_allclose(
@@ -114,7 +116,9 @@ def test_half_precision_computes_in_bfloat16_with_float32_params():
     tx = optax.sgd(0.1)
     state, _ = _state(f32, tx)
     batch = _batch()
-    _, inter = bf16.apply(state.variables(), batch["image"], capture_intermediates=True, mutable=["intermediates"])
+    _, inter = bf16.apply(
+        state.variables(), batch["image"], capture_intermediates=True, mutable=["intermediates"]
+    )
     assert inter["intermediates"]["Conv_0"]["__call__"][0].dtype == jnp.bfloat16
     s32, m32 = jax.jit(make_train_step(f32, tx))(state, batch)
     s16, m16 = jax.jit(make_train_step(bf16, tx))(state, batch)
