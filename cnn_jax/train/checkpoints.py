@@ -278,8 +278,11 @@ class CheckpointStore:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for pending writes and releases the manager (safe to call twice)."""
+        if self.manager is not None:
+            self.manager.wait_until_finished()
+            self.manager.close()
+            self.manager = None
 
 
 def _sync_processes(name: str) -> None:

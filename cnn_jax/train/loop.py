@@ -124,7 +124,10 @@ def train_and_evaluate(
         lock.acquire()
     try:
         run = Run(config, workdir)
-        return _train(run, config, workdir, max_steps, reporter, wall_start, is_main)
+        try:
+            return _train(run, config, workdir, max_steps, reporter, wall_start, is_main)
+        finally:
+            run.store.close()
     finally:
         lock.release()
 

@@ -67,7 +67,8 @@ def abstract_train_state(
     model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...]
 ) -> TrainState:
     """Shapes and dtypes of the state (`jax.ShapeDtypeStruct` leaves), computing nothing."""
-    return jax.eval_shape(_init_fn(model, tx, image_shape), jax.random.PRNGKey(0))
+    with jax.threefry_partitionable(False):  # as in create_train_state
+        return jax.eval_shape(_init_fn(model, tx, image_shape), jax.random.PRNGKey(0))
 
 
 def create_train_state(
@@ -84,8 +85,10 @@ def create_train_state(
     in place rather than on one device and copied.
     """
     init = _init_fn(model, tx, image_shape)
-    if sharding is None:
-        return jax.jit(init)(rng)
-    abstract = jax.eval_shape(init, rng)
-    shardings = jax.tree.map(lambda _: sharding, abstract)
-    return jax.jit(init, out_shardings=shardings)(rng)
+    # The replicated init needs no partitionable random bits, and XLA:CPU compiles the
+    # classic threefry several times faster (LeNet-5: ~2 s instead of ~7 s).
+    with jax.threefry_partitionable(False):
+        if sharding is None:
+            return jax.jit(init)(rng)
+        shardings = jax.tree.map(lambda _: sharding, jax.eval_shape(init, rng))
+        return jax.jit(init, out_shardings=shardings)(rng)

@@ -97,6 +97,7 @@ def test_restoring_into_a_different_model_names_the_mismatches(tmp_path, state):
     store.close()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see test_loop
 @pytest.mark.parametrize("damage", ["delete_data", "truncate_metadata"])
 def test_damaged_checkpoint_is_reported(tmp_path, state, damage):
     store = _store(tmp_path)
