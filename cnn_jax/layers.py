@@ -6,7 +6,9 @@ dropout switch between training and inference.
 
 Spatial layers (`Conv`, `Pool`) check their output size from static shapes before they run and raise
 `ShapeError` naming their module path when the output would be empty, instead of failing later
-inside XLA with an opaque message.
+inside XLA with an opaque message. `Conv` and `Dense` given variables made for another input width
+(another channel count or, behind a flatten, another image size) raise `ShapeError` naming the layer
+and both widths.
 """
 
 from __future__ import annotations
@@ -168,6 +170,23 @@ def _raise_if_empty(
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_existing_kernel(module: nn.Module, inputs: jax.Array, axis: int, scale: int, unit: str):
+    """Raise `ShapeError` when `module` already has a kernel (variables given to `apply`) made for
+    another input width than `inputs.shape[-1]` (Flax would raise its own less direct error)."""
+    if not module.has_variable("params", "kernel"):
+        return  # initialising: the kernel is made to fit
+    kernel_shape = tuple(module.get_variable("params", "kernel").shape)
+    expected = kernel_shape[axis] * scale
+    if inputs.shape[-1] != expected:
+        raise ShapeError(
+            f"layer '{'/'.join(module.path)}' expects {expected} input {unit}{'s' * (expected != 1)}"
+            f" (its kernel is {'x'.join(map(str, kernel_shape))}); got {inputs.shape[-1]} (layer "
+            f"input shape "
+            f"{tuple(inputs.shape)}). The variables were made for another input shape: give the "
+            "model images with the height, width and channels it was initialised (trained) with"
+        )
+
+
 class Conv(nn.Conv):
     """`flax.linen.Conv` with a static output-size check and He (fan-out) initialisation.
 
@@ -190,6 +209,9 @@ class Conv(nn.Conv):
             _per_dim(self.strides, ndim),
             self.padding,
             _per_dim(self.kernel_dilation, ndim),
+        )
+        _check_existing_kernel(
+            self, inputs, axis=-2, scale=self.feature_group_count, unit="channel"
         )
         return super().__call__(inputs)
 
@@ -326,6 +348,16 @@ class ConvBlock(nn.Module):
         return x
 
 
+class Dense(nn.Dense):
+    """`flax.linen.Dense` that names itself and both widths when given variables made for
+    another number of input features (e.g. a flatten head fed another image size)."""
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        """inputs: [..., features_in] -> [..., features]."""
+        _check_existing_kernel(self, inputs, axis=0, scale=1, unit="feature")
+        return super().__call__(inputs)
+
+
 class DenseHead(nn.Module):
     """Classifier head: flatten -> hidden Dense + activation (+ dropout) -> logits.
 
@@ -342,7 +374,7 @@ class DenseHead(nn.Module):
     dropout_before_hidden: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    dense: ModuleDef = nn.Dense
+    dense: ModuleDef = Dense
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
