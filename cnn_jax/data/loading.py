@@ -98,6 +98,27 @@ def class_lookup(classes: Sequence[int], num_classes: int) -> np.ndarray:
     return lookup
 
 
+def check_labels(labels: np.ndarray, num_classes: int, *, dataset: str, split: str) -> None:
+    """Raise DataError unless every label is in [0, num_classes).
+
+    labels: int [N]. Inside a compiled step an out-of-range label is not an error: one-hot gives
+    it an all-zero target and the loss and accuracy are silently wrong, so splits are checked here,
+    on the host, when they are loaded.
+    """
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"dataset {dataset!r} split {split!r}: label {int(labels[first])} (example {first}) "
+            f"is outside the valid range [0, {num_classes}) ({int(bad.sum())} of {labels.size} "
+            f"labels are); the prepared data do not match the dataset's {num_classes} classes: "
+            "prepare (import) the dataset again"
+        )
+
+
 def filter_classes(
     images: np.ndarray, labels: np.ndarray, classes: Sequence[int] | None, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +168,8 @@ def load_split_arrays(
     Returns images uint8 [N, H, W, C] and labels int32 [N]. `split` defaults to the dataset's
     train split; `classes` keeps those classes relabelled 0..k-1; `data_dir` defaults to
     config.dataset.data_dir, $TFDS_DATA_DIR or the tfds default. See `shard_split` for shards.
-    Raises DataError when the dataset is unknown, not prepared, or its images vary in size.
+    Raises DataError when the dataset is unknown, not prepared, its images vary in size, or a
+    label is outside [0, num_classes).
     """
     info = get_dataset_info(name, config, data_dir=data_dir)
     split = split or info.train_split
@@ -160,6 +182,7 @@ def load_split_arrays(
             n = len(labels) // count * count if drop_remainder else len(labels)
             part = np.array_split(np.arange(n), count)[index]
             images, labels = images[part], labels[part]
+        check_labels(labels, info.num_classes, dataset=info.name, split=split)
         return filter_classes(images, labels, classes, info.num_classes)
 
     data_dir = resolve_data_dir(data_dir, config)
@@ -191,4 +214,5 @@ def load_split_arrays(
         np.concatenate([c[0] for c in chunks]) if chunks else np.zeros((0, *image_shape), np.uint8)
     )
     labels = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros(0, np.int32)
+    check_labels(labels, info.num_classes, dataset=info.name, split=split)
     return filter_classes(images, labels, classes, info.num_classes)
