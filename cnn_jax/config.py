@@ -11,8 +11,11 @@ import ast
 import difflib
 import importlib.util
 import json
+import math
+import numbers
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import ml_collections
 
@@ -118,7 +121,10 @@ def load_config(name_or_path: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"could not load config file {str(path)!r}: {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {str(path)!r} defines no get_config() function")
-    config = module.get_config()
+    try:
+        config = module.get_config()
+    except Exception as e:  # e.g. ml_collections' TypeError for a value of the wrong type
+        raise ConfigError(f"get_config() in {str(path)!r} failed: {type(e).__name__}: {e}") from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"get_config() in {str(path)!r} must return an ml_collections.ConfigDict")
     return config
@@ -207,7 +213,13 @@ def apply_overrides(
         if key.startswith("model.options.") and len(parts) == 3:
             config.model.options[parts[2]] = value
             continue
-        if key not in known or isinstance(_get(config, parts), ml_collections.ConfigDict):
+        if key in known and isinstance(_get(config, parts), ml_collections.ConfigDict):
+            subkeys = [f"{key}.{k}" for k, _ in _get(config, parts).items()][:3] or [f"{key}.NAME"]
+            raise ConfigError(
+                f"--set {item!r}: {key!r} is a section of the config, not a value; set its "
+                f"keys one by one, e.g. {', '.join(repr(k + '=...') for k in subkeys)}"
+            )
+        if key not in known:
             close = difflib.get_close_matches(key, known, n=3)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             raise ConfigError(f"--set: unknown config key {key!r}{hint}")
@@ -228,14 +240,57 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"config key {key!r} has invalid value {value!r}; expected {expected}")
 
 
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _type_problem(value: Any, default: Any) -> str | None:
+    """What is wrong with the type of `value` given the type of its default, or None."""
+    if isinstance(default, ml_collections.ConfigDict):
+        ok, expected = isinstance(value, ml_collections.ConfigDict), "a section (ConfigDict)"
+    elif isinstance(default, bool):
+        ok, expected = isinstance(value, bool), "a bool"
+    elif isinstance(default, int):
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, expected = _finite_number(value), "a finite number"
+    elif isinstance(default, str):
+        ok, expected = isinstance(value, str), "a string"
+    elif isinstance(default, (list, tuple)):  # every list key holds numbers
+        ok = isinstance(value, (list, tuple)) and all(_finite_number(v) for v in value)
+        expected = "a list of finite numbers"
+    else:
+        return None
+    return None if ok else expected
+
+
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Rejects invalid values with a message naming the key, before anything is compiled."""
-    known = set(_flat_keys(default_config()))
+    """Rejects invalid values with a message naming the key, before anything is compiled.
+
+    Every key of `default_config()` must be present with the type of its default (a float key
+    takes any finite number); `model.options` may hold any keys (the model checks them).
+    """
+    defaults = default_config()
+    known = set(_flat_keys(defaults))
     for key in _flat_keys(config):
         if key not in known and not key.startswith("model.options."):
             close = difflib.get_close_matches(key, sorted(known), n=3)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             raise ConfigError(f"unknown config key {key!r}{hint}")
+    for key in _flat_keys(defaults):  # every key present, with the type of its default
+        parts = key.split(".")
+        try:
+            value = _get(config, parts)
+        except (KeyError, AttributeError, TypeError):
+            raise ConfigError(
+                f"config key {key!r} is missing; start the config from "
+                "cnn_jax.config.default_config(), which has every key"
+            ) from None
+        expected = _type_problem(value, _get(defaults, parts))
+        if expected:
+            raise ConfigError(
+                f"config key {key!r} has invalid value {value!r}; expected {expected}"
+            )
     t, o, d, ck = config.train, config.optimizer, config.dataset, config.checkpoint
     _check(isinstance(t.batch_size, int) and t.batch_size > 0, "train.batch_size", t.batch_size, "an integer > 0")
     _check(t.eval_batch_size > 0, "train.eval_batch_size", t.eval_batch_size, "an integer > 0")
