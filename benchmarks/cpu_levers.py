@@ -7,7 +7,10 @@ shared machine hits them alike, and each variant reports the median and best win
   jit          one jitted train step per Python call (donated state)
   scanK        K steps per call: `lax.scan` over K device-resident batches (no Python per step)
   fast         the model's convs through benchmarks/fast_conv.py (prototype of a model-side switch)
-  fast+scanK   both
+  pool         flax max_pool/avg_pool through the reshape fast path (benchmarks/fast_conv.py)
+  spool        the same through elementwise max/add of strided views
+  pol=SPEC     convs through fast_conv with an explicit policy, e.g. pol=dot4/pdk4/pdx8/dx8/stack3/taps1/canon
+  a+b+...      combinations, e.g. fast+pool+scan20
   torch        PyTorch eager, `torch.set_num_threads(threads)`
 
 XLA flags must be set before JAX starts, so compare flags by running this script once per flag
@@ -20,17 +23,16 @@ that makes runs comparable.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import fast_conv
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,22 +42,32 @@ from cnn_jax.bench import BENCH_MODELS
 from cnn_jax.models import get_model
 
 
-@contextlib.contextmanager
-def patched_flax_conv(conv_fn):
-    """Route every flax.linen.Conv through `conv_fn` while tracing (prototype of the layers switch)."""
-    from flax.linen import linear
+def parse_policy(spec: str):
+    """'dx8/stack3/taps1/canon' -> fast_conv.ConvPolicy (im2col dx for C_in <= 8, stacked dK for
+    C_in == 3, taps forward for C_in <= 1, canonical stride-1 gradients otherwise)."""
+    kw = {}
+    for tok in filter(None, spec.split("/")):
+        if tok.startswith("pdx"):
+            kw["dx_planar_max_c"] = int(tok[3:])
+        elif tok.startswith("dx"):
+            kw["dx_im2col_max_c"] = int(tok[2:])
+        elif tok.startswith("pdk"):
+            kw["dk_planar_max_c"] = int(tok[3:])
+        elif tok.startswith("stack"):
+            kw["dk_stack_c"] = tuple(int(c) for c in tok[5:].split(","))
+        elif tok.startswith("dot"):
+            kw["fwd_dot_max_c"] = int(tok[3:])
+        elif tok.startswith("taps"):
+            kw["fwd_taps_max_c"] = int(tok[4:])
+        elif tok == "canon":
+            kw["canonical_grads"] = True
+        else:
+            raise SystemExit(f"unknown policy token {tok!r}")
+    return fast_conv.ConvPolicy(**kw)
 
-    original = linear.lax
-    proxy = types.SimpleNamespace(**{k: getattr(jax.lax, k) for k in dir(jax.lax) if not k.startswith("__")})
-    proxy.conv_general_dilated = conv_fn
-    linear.lax = proxy
-    try:
-        yield
-    finally:
-        linear.lax = original
 
-
-def make_jax_variant(model, tx, batches, *, scan_steps: int, fast: bool, seed: int = 0):
+def make_jax_variant(model, tx, batches, *, scan_steps: int, fast: bool, pool: str | None = None,
+                     conv_policy=None, seed: int = 0):
     """Returns (run(n_steps) -> None that blocks, compile_seconds)."""
     images = batches[0]  # [S, B, ...] device arrays
     num_batches = images.shape[0]
@@ -92,9 +104,9 @@ def make_jax_variant(model, tx, batches, *, scan_steps: int, fast: bool, seed: i
 
     fn = jax.jit(many if scan_steps else single, donate_argnums=0)
     carry = (params, stats, opt_state)
-    ctx = patched_flax_conv(_fast_conv()) if fast else contextlib.nullcontext()
     t0 = time.perf_counter()
-    with ctx:
+    with fast_conv.patched_flax(conv=fast or conv_policy is not None, pool=pool,
+                                conv_policy=conv_policy):
         compiled = fn.lower(carry, jnp.int32(0), batches).compile()
     compile_s = time.perf_counter() - t0
     state = {"carry": carry, "i": 0}
@@ -109,12 +121,6 @@ def make_jax_variant(model, tx, batches, *, scan_steps: int, fast: bool, seed: i
         state["carry"], state["i"] = carry, i
 
     return run, compile_s
-
-
-def _fast_conv():
-    from fast_conv import conv_general_dilated
-
-    return conv_general_dilated
 
 
 def make_torch_variant(name, spec, batch_size, threads, num_batches, seed=0):
@@ -172,21 +178,28 @@ def main(argv=None) -> int:
             runs[v], n = make_torch_variant(args.model, spec, b, args.threads, args.num_batches)
             info[v] = {"params": n}
             continue
-        fast = v.startswith("fast")
-        rest = v.split("+")[-1] if "+" in v else ("" if v in ("jit", "fast") else v)
-        scan = int(rest[4:]) if rest.startswith("scan") else 0
+        parts = v.split("+")
+        fast = "fast" in parts
+        pool = "reshape" if "pool" in parts else ("slices" if "spool" in parts else None)
+        pols = [p for p in parts if p.startswith("pol=")]
+        conv_policy = parse_policy(pols[0][4:]) if pols else None
+        scans = [p for p in parts if p.startswith("scan")]
+        scan = int(scans[0][4:]) if scans else 0
         if args.steps % max(scan, 1):
             raise SystemExit(f"--steps {args.steps} must be a multiple of the scan length {scan}")
-        runs[v], c = make_jax_variant(model, tx, (images, labels), scan_steps=scan, fast=fast)
+        runs[v], c = make_jax_variant(model, tx, (images, labels), scan_steps=scan, fast=fast,
+                                      pool=pool, conv_policy=conv_policy)
         info[v] = {"compile_s": round(c, 2)}
     for run in runs.values():  # warm-up
         run(args.steps)
     times = {v: [] for v in runs}
+    cpu_times = {v: [] for v in runs}
     for _ in range(args.windows):
         for v, run in runs.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             run(args.steps)
             times[v].append(time.perf_counter() - t0)
+            cpu_times[v].append(time.process_time() - c0)
     result = {
         "model": args.model, "batch_size": b, "threads": args.threads,
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_avg_1m": os.getloadavg()[0], "variants": {},
@@ -194,14 +207,17 @@ def main(argv=None) -> int:
     ref = statistics.median(times["torch"]) if "torch" in times else None
     for v, ts in times.items():
         med, best = statistics.median(ts), min(ts)
+        cpu_ms = 1e3 * statistics.median(cpu_times[v]) / args.steps
         entry = {"images_per_sec_median": round(args.steps * b / med, 1),
-                 "images_per_sec_best": round(args.steps * b / best, 1), **info[v]}
+                 "images_per_sec_best": round(args.steps * b / best, 1),
+                 "cpu_ms_per_step_median": round(cpu_ms, 2), **info[v]}
         if ref:
             entry["ratio_vs_torch_median"] = round(ref / med, 3)
         result["variants"][v] = entry
         print(f"{args.model:15s} B={b:<4d} {v:14s} {entry['images_per_sec_median']:9.0f} img/s median "
               f"({entry['images_per_sec_best']:.0f} best)"
               + (f"  x{entry['ratio_vs_torch_median']:.2f} torch" if ref else "")
+              + f"  cpu {cpu_ms:.1f} ms/step"
               + (f"  compile {info[v]['compile_s']}s" if "compile_s" in info[v] else ""))
     print(f"load average (1 min) at end: {result['load_avg_1m']:.2f}; XLA_FLAGS={result['xla_flags']!r}")
     if args.json:

@@ -23,6 +23,8 @@ is one line in `cnn_jax/layers.py` (see benchmarks/RESULTS.md, "Conv lowering").
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -30,9 +32,59 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Thresholds (measured on a 2-core AMD EPYC with AVX-512, jaxlib 0.10.2; see RESULTS.md).
-TAPS_MAX_IN_CHANNELS = 1  # forward by taps only for C_in == 1 (elementwise multiply-add)
-IM2COL_DX_MAX_IN_CHANNELS = 16  # input gradient by matmul + col2im for C_in <= this
+
+@dataclasses.dataclass(frozen=True)
+class ConvPolicy:
+    """Which lowering each direction of a conv uses, by input channels C_in (stride-1 only for
+    "canonical"). A direction whose rule gives "xla" uses XLA's own conv / conv gradient.
+
+    fwd: "xla" | "taps" | "dot"    (taps: sum over kh*kw broadcast multiply-adds; dot: planar
+                                    im2col, K^T [O, kh*kw*C] @ patches [kh*kw*C, N*Ho*Wo])
+    dk:  "xla" | "stack" | "planar" | "canonical"  (stack: patches [kh*kw, N, Ho, Wo, C] contracted
+                                    with dy; planar: planar patches [kh*kw*C, M] @ dy [M, O], the
+                                    patches saved from a "dot" forward)
+    dx:  "xla" | "im2col" | "planar" | "canonical" (im2col: dy @ K^T then col2im; planar: the
+                                    same in the [C, N, H, W] layout)
+    """
+
+    fwd_taps_max_c: int = 0
+    fwd_dot_max_c: int = 0
+    dk_stack_c: tuple[int, ...] = ()
+    dk_planar_max_c: int = 0
+    dx_im2col_max_c: int = 0
+    dx_planar_max_c: int = 0
+    canonical_grads: bool = False  # stride-1 gradients as explicit canonical convs (while loops)
+
+    def fwd(self, c: int) -> str:
+        if c <= self.fwd_dot_max_c:
+            return "dot"
+        return "taps" if c <= self.fwd_taps_max_c else "xla"
+
+    def dk(self, c: int, stride1: bool) -> str:
+        if c <= self.dk_planar_max_c:
+            return "planar"
+        if c in self.dk_stack_c:
+            return "stack"
+        return "canonical" if (self.canonical_grads and stride1) else "xla"
+
+    def dx(self, c: int, stride1: bool) -> str:
+        if c <= self.dx_planar_max_c:
+            return "planar"
+        if c <= self.dx_im2col_max_c:
+            return "im2col"
+        return "canonical" if (self.canonical_grads and stride1) else "xla"
+
+    def is_plain(self, c: int) -> bool:
+        return (self.fwd(c), self.dk(c, True), self.dk(c, False), self.dx(c, True), self.dx(c, False)) == (
+            "xla",) * 5
+
+
+# The proposed default, from full-train-step measurements on a 2-core AMD EPYC (AVX-512), jaxlib
+# 0.10.2 (benchmarks/RESULTS.md): forward by planar matmul for 1 input channel (LeNet-5 conv1),
+# kernel gradient by stacked taps for 2-4 input channels (measured at 3: the small ConvNet's conv1),
+# input gradient by planar matmul + col2im up to 8 input channels (measured at 6: LeNet-5 conv2).
+# Every conv with more than 8 input channels keeps XLA's own lowering and gradients.
+POLICY = ConvPolicy(fwd_dot_max_c=1, dk_stack_c=(2, 3, 4), dx_planar_max_c=8)
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -70,12 +122,28 @@ def conv_general_dilated(
         or preferred_element_type is not None
     ):
         return plain()
+    c = lhs.shape[-1]
+    if POLICY.is_plain(c):
+        return plain()  # enough channels: XLA's own conv and its gradients are the fastest
     strides = tuple(int(s) for s in window_strides)
     if isinstance(padding, str):
         pads = tuple(lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding))
     else:
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return _conv(lhs, rhs, strides, pads, precision)
+    stride1 = strides == (1, 1)
+    impls = (POLICY.fwd(c), POLICY.dk(c, stride1), POLICY.dx(c, stride1))
+    return _conv(lhs, rhs, strides, pads, precision, impls)
+
+
+@contextlib.contextmanager
+def policy(new: ConvPolicy):
+    """Trace under another `ConvPolicy` (for experiments)."""
+    global POLICY
+    old, POLICY = POLICY, new
+    try:
+        yield
+    finally:
+        POLICY = old
 
 
 def _xla(x, k, strides, pads, precision):
@@ -173,28 +241,118 @@ def _canonical_dx(g, k, x_shape, pads, precision):
                                     precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv(x, k, strides, pads, precision):
-    if x.shape[-1] <= TAPS_MAX_IN_CHANNELS:
+def _planar_patches(x, kh, kw, strides, pads, out_hw):
+    """im2col with the taps and channels major: [kh*kw*C, N*Ho*Wo] (row t*C + c is tap t of channel
+    c), built from the planar input [C, N, H, W] so every view is a contiguous-row slice."""
+    (sh, sw), (ho, wo) = strides, out_hw
+    xc = jnp.moveaxis(jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0))), -1, 0)  # [C, N, Hp, Wp]
+    c, n = xc.shape[:2]
+    views = [
+        lax.slice(xc, (0, 0, i, j), (c, n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1), (1, 1, sh, sw))
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return jnp.stack(views, 0).reshape(kh * kw * c, n * ho * wo)
+
+
+def _dot_fwd(x, k, strides, pads, precision, return_patches=False):
+    """Forward conv as one matmul on planar patches: y^T [O, M] = K^T @ P, then back to NHWC.
+
+    The matmul's output is a real buffer, so the activation that follows is not fused into a
+    long multiply-add loop (XLA:CPU stops vectorising such loops: tanh after a 25-tap sum runs
+    ~10x slower than on its own)."""
+    kh, kw, c, o = k.shape
+    ho = _out_size(x.shape[1], kh, strides[0], *pads[0])
+    wo = _out_size(x.shape[2], kw, strides[1], *pads[1])
+    p = _planar_patches(x, kh, kw, strides, pads, (ho, wo))
+    y = lax.dot_general(k.reshape(kh * kw * c, o), p, (((0,), (0,)), ((), ())), precision=precision)
+    y = jnp.transpose(y.reshape(o, x.shape[0], ho, wo), (1, 2, 3, 0))
+    return (y, p) if return_patches else y
+
+
+def _planar_to_nhwc(y):
+    """[C, N, H, W] -> [N, H, W, C] as a matmul with the identity: XLA:CPU does not fuse a dot
+    with the loop that produced `y`, so that loop stays vectorised along W."""
+    c = y.shape[0]
+    return lax.dot_general(y, jnp.eye(c, dtype=y.dtype), (((0,), (0,)), ((), ())),
+                           precision=lax.Precision.HIGHEST)
+
+
+def _planar_dx(g, k, x_shape, strides, pads, precision):
+    """Input gradient: dpatches^T [kh*kw*C, M] = K @ dy^T (one matmul), col2im in the planar layout
+    [C, N, Hp, Wp] (pads and adds vectorised along W), then back to NHWC by `_planar_to_nhwc`."""
+    kh, kw, c, o = k.shape
+    n, h, w, _ = x_shape
+    ho, wo = g.shape[1], g.shape[2]
+    gt = jnp.transpose(g, (3, 0, 1, 2)).reshape(o, n * ho * wo)
+    dpt = lax.dot_general(k.reshape(kh * kw * c, o), gt, (((1,), (0,)), ((), ())), precision=precision)
+    dpt = dpt.reshape(kh * kw, c, n, ho, wo)
+    hp, wp = h + pads[0][0] + pads[0][1], w + pads[1][0] + pads[1][1]
+    sh, sw = strides
+    zero = jnp.zeros((), dpt.dtype)
+    dxp = None
+    for t in range(kh * kw):
+        i, j = divmod(t, kw)
+        placed = lax.pad(
+            dpt[t], zero,
+            ((0, 0, 0), (0, 0, 0), (i, hp - i - (ho - 1) * sh - 1, sh - 1),
+             (j, wp - j - (wo - 1) * sw - 1, sw - 1)),
+        )
+        dxp = placed if dxp is None else dxp + placed
+    (plo, _), (qlo, _) = pads
+    dxc = lax.slice(dxp, (0, 0, plo, qlo), (c, n, plo + h, qlo + w))
+    return _planar_to_nhwc(dxc)
+
+
+def _stack_dk(x, g, k_shape, strides, pads, precision):
+    """Kernel gradient as one contraction of the tap views [kh*kw, N, Ho, Wo, C] with dy."""
+    kh, kw, c, o = k_shape
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    views = jnp.stack(_tap_slices(xp, kh, kw, strides, g.shape[1:3]), 0)
+    d = lax.dot_general(views, g, (((1, 2, 3), (0, 1, 2)), ((), ())), precision=precision)
+    return d.reshape(kh, kw, c, o)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(x, k, strides, pads, precision, impls):
+    if impls[0] == "taps":
         return _taps(x, k, strides, pads, precision)
+    if impls[0] == "dot":
+        return _dot_fwd(x, k, strides, pads, precision)
     return _xla(x, k, strides, pads, precision)
 
 
-def _conv_fwd(x, k, strides, pads, precision):
-    return _conv(x, k, strides, pads, precision), (x, k)
+def _conv_fwd(x, k, strides, pads, precision, impls):
+    if impls[1] == "planar":  # keep the planar patches for the kernel gradient
+        kh, kw = k.shape[:2]
+        if impls[0] == "dot":
+            y, p = _dot_fwd(x, k, strides, pads, precision, return_patches=True)
+        else:
+            y = _conv(x, k, strides, pads, precision, impls)
+            p = _planar_patches(x, kh, kw, strides, pads, y.shape[1:3])
+        return y, (x, k, p)
+    return _conv(x, k, strides, pads, precision, impls), (x, k, None)
 
 
-def _conv_bwd(strides, pads, precision, residuals, g):
-    x, k = residuals
-    stride1 = strides == (1, 1)
-    if stride1:
+def _conv_bwd(strides, pads, precision, impls, residuals, g):
+    x, k, p = residuals
+    _, dk_impl, dx_impl = impls
+    if dk_impl == "planar":
+        kh, kw, c, o = k.shape
+        dk = lax.dot_general(p, g.reshape(-1, o), (((1,), (0,)), ((), ())), precision=precision)
+        dk = dk.reshape(kh, kw, c, o)
+    elif dk_impl == "stack":
+        dk = _stack_dk(x, g, k.shape, strides, pads, precision)
+    elif dk_impl == "canonical":
         dk = _canonical_dk(x, g, k.shape[:2], pads, precision)
     else:
         _, vjp_k = jax.vjp(lambda kk: _xla(x, kk, strides, pads, precision), k)
         (dk,) = vjp_k(g)
-    if x.shape[-1] <= IM2COL_DX_MAX_IN_CHANNELS:
+    if dx_impl == "im2col":
         dx = _im2col_dx(g, k, x.shape, strides, pads, precision)
-    elif stride1:
+    elif dx_impl == "planar":
+        dx = _planar_dx(g, k, x.shape, strides, pads, precision)
+    elif dx_impl == "canonical":
         dx = _canonical_dx(g, k, x.shape, pads, precision)
     else:
         _, vjp_x = jax.vjp(lambda xx: _xla(xx, k, strides, pads, precision), x)
@@ -210,4 +368,97 @@ def with_fast_conv(module_cls, **kwargs):
     return functools.partial(module_cls, conv_general_dilated=conv_general_dilated, **kwargs)
 
 
+@contextlib.contextmanager
+def patched_flax(conv: bool = True, pool: str | None = "reshape", conv_policy: ConvPolicy | None = None):
+    """While tracing, route every `flax.linen.Conv` through `conv_general_dilated` (under
+    `conv_policy`, default `POLICY`) and `flax.linen.max_pool` / `avg_pool` through the fast
+    pooling path `pool` ("reshape" | "slices" | None). A stand-in for the one-line changes proposed
+    for cnn_jax/layers.py, so benchmarks can measure them on the real models and train step."""
+    import types
+
+    import flax.linen as nn
+    from flax.linen import linear
+
+    global POOL_IMPL
+    saved = linear.lax, nn.max_pool, nn.avg_pool, POOL_IMPL
+    try:
+        with contextlib.ExitStack() as stack:
+            if conv:
+                proxy = types.SimpleNamespace(
+                    **{k: getattr(lax, k) for k in dir(lax) if not k.startswith("__")}
+                )
+                proxy.conv_general_dilated = conv_general_dilated
+                linear.lax = proxy
+                if conv_policy is not None:
+                    stack.enter_context(policy(conv_policy))
+            if pool:
+                nn.max_pool, nn.avg_pool, POOL_IMPL = max_pool, avg_pool, pool
+            yield
+    finally:
+        linear.lax, nn.max_pool, nn.avg_pool, POOL_IMPL = saved
+
+
 __all__: Sequence[str] = ["conv_general_dilated", "with_fast_conv"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Pooling
+# --------------------------------------------------------------------------------------------------
+
+
+POOL_IMPL = "reshape"  # "reshape" | "slices"
+
+
+def _window_pool(reduce_fn, x, window_shape, strides=None, padding="VALID"):
+    """Non-overlapping pooling as reshape + reduce, else None.
+
+    x: [N, H, W, C]. Applies when the windows tile the input without overlap or padding
+    (strides == window, padding VALID or all zeros); a ragged border is cropped, as VALID pooling
+    drops it. The gradient is then elementwise (a compare-and-select for max, a broadcast for mean)
+    instead of XLA's select-and-scatter / variadic reduce-window, which is slow on CPU.
+    """
+    window = tuple(window_shape)
+    strides = tuple(strides) if strides is not None else window
+    if x.ndim != 4 or len(window) != 2 or strides != window:
+        return None
+    if isinstance(padding, str):
+        if padding.upper() != "VALID":
+            return None
+    elif any(tuple(p) != (0, 0) for p in padding):
+        return None
+    n, h, w, c = x.shape
+    wh, ww = window
+    ho, wo = h // wh, w // ww
+    if ho < 1 or wo < 1:
+        return None
+    x = x[:, : ho * wh, : wo * ww, :]
+    if POOL_IMPL == "slices":  # elementwise max/add of the wh*ww strided views
+        views = [x[:, i::wh, j::ww, :] for i in range(wh) for j in range(ww)]
+        if reduce_fn is jnp.max:
+            return functools.reduce(jnp.maximum, views)
+        return functools.reduce(jnp.add, views) / (wh * ww)
+    return reduce_fn(x.reshape(n, ho, wh, wo, ww, c), axis=(2, 4))
+
+
+def max_pool(inputs, window_shape, strides=None, padding="VALID"):
+    """`flax.linen.max_pool` with the reshape fast path for non-overlapping windows.
+
+    Gradient ties: with several equal maxima in a window, the reshape path splits the gradient
+    equally among them (JAX's rule for `max`); XLA's select-and-scatter gives it all to one.
+    """
+    out = _window_pool(jnp.max, inputs, window_shape, strides, padding)
+    if out is None:
+        from flax.linen import pooling
+
+        return pooling.max_pool(inputs, window_shape, strides, padding)
+    return out
+
+
+def avg_pool(inputs, window_shape, strides=None, padding="VALID", count_include_pad=True):
+    """`flax.linen.avg_pool` with the reshape fast path for non-overlapping windows."""
+    out = _window_pool(jnp.mean, inputs, window_shape, strides, padding)
+    if out is None:
+        from flax.linen import pooling
+
+        return pooling.avg_pool(inputs, window_shape, strides, padding, count_include_pad)
+    return out

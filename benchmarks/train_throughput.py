@@ -44,11 +44,18 @@ GPU_PLAN = {
 
 
 def measure(model, batch_size, steps, windows, *, torch_device, threads, dtype, steps_per_call,
-            use_torch):
+            use_torch, fast_paths=False):
     from cnn_jax.bench import TrainBenchmark, bench_spec
 
     spec = bench_spec(model)
     jax_bench = TrainBenchmark(model, batch_size, steps, dtype=dtype, steps_per_call=steps_per_call)
+    fast_bench = None
+    if fast_paths:  # the same engine step, traced with the conv/pool changes proposed for layers.py
+        import fast_conv
+
+        with fast_conv.patched_flax():
+            fast_bench = TrainBenchmark(model, batch_size, steps, dtype=dtype,
+                                        steps_per_call=steps_per_call)
     torch_bench = None
     if use_torch:
         from torch_models import TorchTrainBenchmark
@@ -63,12 +70,19 @@ def measure(model, batch_size, steps, windows, *, torch_device, threads, dtype, 
                 f"{model}: PyTorch twin has {torch_bench.num_params} parameters, cnn_jax "
                 f"{jax_bench.num_params}"
             )
-    jax_windows, torch_windows = [], []
-    for _ in range(windows):  # alternate J T J T ... so load changes hit both alike
+    jax_windows, fast_windows, torch_windows = [], [], []
+    for _ in range(windows):  # alternate J [F] T J [F] T ... so load changes hit all alike
         jax_windows.append(jax_bench.run_window())
+        if fast_bench is not None:
+            fast_windows.append(fast_bench.run_window())
         if torch_bench is not None:
             torch_windows.append(torch_bench.run_window())
     row = jax_bench.result(jax_windows)
+    if fast_bench is not None:
+        fast_ips = steps * batch_size / statistics.median(fast_windows)
+        row.update(fast_images_per_sec=fast_ips,
+                   fast_window_images_per_sec=[steps * batch_size / s for s in fast_windows],
+                   fast_compile_seconds=fast_bench.result(fast_windows)["compile_seconds"])
     if torch_bench is not None:
         torch_ips = steps * batch_size / statistics.median(torch_windows)
         row.update(
@@ -79,7 +93,9 @@ def measure(model, batch_size, steps, windows, *, torch_device, threads, dtype, 
                         else f"eager float32, {threads} threads"),
             ratio=row["images_per_sec"] / torch_ips,
         )
-    del jax_bench, torch_bench
+        if fast_bench is not None:
+            row["fast_ratio"] = row["fast_images_per_sec"] / torch_ips
+    del jax_bench, fast_bench, torch_bench
     gc.collect()
     return row
 
@@ -90,18 +106,27 @@ def fmt(x, spec=".0f"):
 
 def markdown(rows, meta) -> str:
     lines = [f"### Train-step throughput on {meta['platform'].upper()}", "", *report.header_lines(meta), ""]
+    fast = any("fast_images_per_sec" in r for r in rows)
+    head = "| model | batch | cnn_jax img/s | PyTorch img/s | ratio cnn_jax/PyTorch |"
+    rule = "|---|---:|---:|---:|---:|"
+    if fast:
+        head += " cnn_jax + fast paths img/s | ratio with fast paths |"
+        rule += "---:|---:|"
     lines += [
-        ("| model | batch | cnn_jax img/s | PyTorch img/s | ratio cnn_jax/PyTorch | "
-        "cnn_jax compile s | cnn_jax path | peak mem MiB | params |"),
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|",
+        head + " cnn_jax compile s | cnn_jax path | peak mem MiB | params |",
+        rule + "---:|---|---:|---:|",
     ]
     for r in rows:
         path = "compiled loop" if r["compiled_loop"] else "per-step dispatch"
         mem = None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**20
-        lines.append(
+        cells = (
             f"| {r['model']} | {r['batch_size']} | {fmt(r['images_per_sec'])} | "
-            f"{fmt(r.get('torch_images_per_sec'))} | {fmt(r.get('ratio'), '.2f')} | "
-            f"{fmt(r['compile_seconds'], '.1f')} | {path}, {r['dtype']} | {fmt(mem)} | "
+            f"{fmt(r.get('torch_images_per_sec'))} | {fmt(r.get('ratio'), '.2f')} |"
+        )
+        if fast:
+            cells += f" {fmt(r.get('fast_images_per_sec'))} | {fmt(r.get('fast_ratio'), '.2f')} |"
+        lines.append(
+            cells + f" {fmt(r['compile_seconds'], '.1f')} | {path}, {r['dtype']} | {fmt(mem)} | "
             f"{r['num_params']:,} |"
         )
     lines += [
@@ -110,6 +135,12 @@ def markdown(rows, meta) -> str:
         "in one process after compilation and a warm-up epoch. PyTorch: "
         f"{meta['torch_mode']}. Peak memory: {meta['memory_note']}."),
     ]
+    if fast:
+        lines.append(
+            "\n\"Fast paths\": the same engine step traced with the conv lowering and pooling "
+            "changes proposed for `cnn_jax/layers.py` (prototype: `benchmarks/fast_conv.py`, "
+            "`POLICY` and the reshape pooling), timed in the same alternation."
+        )
     return "\n".join(lines)
 
 
@@ -122,6 +153,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch CPU threads")
     p.add_argument("--steps-per-call", type=int, default=0, help="0: the engine's default")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--fast-paths", action="store_true",
+                   help="also time the engine step with benchmarks/fast_conv.py's conv/pool paths")
     p.add_argument("--json", help="output JSON (default benchmarks/results/train_throughput_<platform>.json)")
     p.add_argument("--no-markdown", action="store_true", help="do not touch benchmarks/RESULTS.md")
     args = p.parse_args(argv)
@@ -150,11 +183,14 @@ def main(argv=None) -> int:
             steps = args.steps or default_steps.get(b, 10)
             row = measure(model, b, steps, args.windows, torch_device=torch_device,
                           threads=args.threads, dtype=dtype, steps_per_call=args.steps_per_call,
-                          use_torch=not args.no_torch)
+                          use_torch=not args.no_torch, fast_paths=args.fast_paths)
             rows.append(row)
             print(f"{model:15s} batch {b:4d}: cnn_jax {row['images_per_sec']:9.0f} img/s"
+                  + (f"   fast paths {row['fast_images_per_sec']:9.0f} img/s"
+                     if "fast_images_per_sec" in row else "")
                   + (f"   PyTorch {row['torch_images_per_sec']:9.0f} img/s   ratio {row['ratio']:.2f}"
                      if "ratio" in row else "")
+                  + (f" (fast paths {row['fast_ratio']:.2f})" if "fast_ratio" in row else "")
                   + f"   (compile {row['compile_seconds']:.1f}s, load {os.getloadavg()[0]:.1f})",
                   flush=True)
     meta["load_average_at_end"] = round(os.getloadavg()[0], 2)
