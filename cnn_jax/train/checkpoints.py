@@ -2,7 +2,10 @@
 
 Layout: `<workdir>/checkpoints/<step>/{state, meta, metrics}` written by one Orbax
 `CheckpointManager` (asynchronously; a step directory appears under its final name only once
-complete, so a kill never leaves a half-written checkpoint that looks valid). It keeps the
+complete, so a kill never leaves a half-written checkpoint that looks valid). Old checkpoints
+are deleted the same way round: Orbax first renames them into `checkpoints/deleting/` (one
+atomic rename) and the store empties that folder later, so a kill during a deletion cannot
+leave a half-deleted step directory that still looks valid either. It keeps the
 latest `keep` checkpoints plus the best one by an eval metric: one manager does both, with
 `preservation_policy = AnyPreservationPolicy([LatestN(keep), BestN(best_fn, n=1)])`
 (Orbax 0.12's plain `max_to_keep` + `best_fn` would keep the best k instead and could delete
@@ -16,6 +19,7 @@ rebuild the model; `state` holds the whole `TrainState` (host layout).
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,7 @@ from cnn_jax.errors import CheckpointError
 from cnn_jax.train.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
+DELETING_DIR = "deleting"  # old checkpoints are renamed here, then removed (see module docstring)
 
 
 class DamagedCheckpointError(CheckpointError):
@@ -120,6 +125,9 @@ class CheckpointStore:
             # Readers never save; Orbax's own read_only mode would only add log warnings.
             create=not read_only,
             save_root_metadata=not read_only,
+            # Orbax would otherwise delete old steps file by file in place: a kill in the
+            # middle left a half-deleted `<step>/` that is still listed as a checkpoint.
+            todelete_subdir=None if read_only else DELETING_DIR,
         )
         # Naming the handlers lets a fresh process read metadata before any save/restore.
         self.read_only = read_only
@@ -131,6 +139,8 @@ class CheckpointStore:
                 "meta": ocp.JsonCheckpointHandler(),
             },
         )
+        if not read_only:
+            self._purge_deleted()
 
     # -- queries -----------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
@@ -192,6 +202,8 @@ class CheckpointStore:
         if step in self.manager.all_steps():
             return False
         metrics = {k: float(v) for k, v in (eval_metrics or {}).items()}
+        self.manager.wait_until_finished()  # as `manager.save` would; then nothing moves old
+        self._purge_deleted()  # steps into `deleting/` while it is emptied
         return self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -283,6 +295,15 @@ class CheckpointStore:
             self.manager.wait_until_finished()
             self.manager.close()
             self.manager = None
+            if not self.read_only:
+                self._purge_deleted()
+
+    def _purge_deleted(self) -> None:
+        """Removes the old checkpoints Orbax has renamed into `deleting/` (process 0)."""
+        if jax.process_index() != 0:
+            return
+        for path in (self.directory / DELETING_DIR).glob("*"):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _sync_processes(name: str) -> None:

@@ -3,8 +3,11 @@
 python run_training.py --config JSON --workdir DIR [--max-steps N] [--out params.npz]
     [--coordinator HOST:PORT --num-processes P --process-id I]
 
-Prints one line `progress <step>` per reported train call (flushed, so a test can kill the
-process at a chosen moment) and `results <json>` at the end.
+Prints (flushed, so a test can kill the process at a chosen moment) `start <json>` when training
+starts (the reporter's on_start info: resumed_from, damaged_checkpoints, ...), one line
+`progress <step>` per reported train call, `saving <step>` as soon as an asynchronous checkpoint
+save has started (its files are still being written in the background) and `results <json>` at
+the end.
 """
 
 from __future__ import annotations
@@ -40,8 +43,22 @@ def main() -> int:
 
     from cnn_jax.config import default_config
     from cnn_jax.train import Reporter, export_npz, load_trained, train_and_evaluate
+    from cnn_jax.train.checkpoints import CheckpointStore
+
+    save = CheckpointStore.save
+
+    def announced_save(self, step, *rest, **kwargs):
+        started = save(self, step, *rest, **kwargs)
+        if started:
+            print(f"saving {step}", flush=True)
+        return started
+
+    CheckpointStore.save = announced_save
 
     class PrintReporter(Reporter):
+        def on_start(self, info):
+            print("start " + json.dumps(info, default=str), flush=True)
+
         def on_train_step(self, step, total_steps, metrics):
             print(f"progress {step}", flush=True)
             if args.step_delay:
