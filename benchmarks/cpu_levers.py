@@ -10,12 +10,14 @@ shared machine hits them alike, and each variant reports the median and best win
   pool         flax max_pool/avg_pool through the reshape fast path (benchmarks/fast_conv.py)
   spool        the same through elementwise max/add of strided views
   pol=SPEC     convs through fast_conv with an explicit policy, e.g. pol=dot4/pdk4/pdx8/dx8/stack3/taps1/canon
+  xla:K=V;K=V  XLA debug options for this variant's compilation only (jit compiler_options), e.g.
+               "xla:xla_cpu_use_onednn=true" -- lets flags be compared inside one process
   a+b+...      combinations, e.g. fast+pool+scan20
   torch        PyTorch eager, `torch.set_num_threads(threads)`
 
-XLA flags must be set before JAX starts, so compare flags by running this script once per flag
-setting (`XLA_FLAGS=... python benchmarks/cpu_levers.py ...`); the PyTorch column is the yardstick
-that makes runs comparable.
+XLA flags go per variant ("xla:..."; passed as `compiler_options` to that variant's compilation),
+so flag settings are compared inside one process too. List the available ones with
+`XLA_FLAGS=--help python -c "import jax; jax.numpy.ones(1)"`.
 
   python benchmarks/cpu_levers.py --model lenet5 --batch-size 128 --variants jit,fast,fast+scan20,torch
 """
@@ -66,8 +68,22 @@ def parse_policy(spec: str):
     return fast_conv.ConvPolicy(**kw)
 
 
+def parse_compiler_options(spec: str) -> dict:
+    """'xla_cpu_use_onednn=true;xla_cpu_prefer_vector_width=512' -> compiler_options dict."""
+    out = {}
+    for item in filter(None, spec.split(";")):
+        key, value = item.split("=", 1)
+        if value in ("true", "false"):
+            out[key] = value == "true"
+        elif value.lstrip("-").isdigit():
+            out[key] = int(value)
+        else:
+            out[key] = value
+    return out
+
+
 def make_jax_variant(model, tx, batches, *, scan_steps: int, fast: bool, pool: str | None = None,
-                     conv_policy=None, seed: int = 0):
+                     conv_policy=None, compiler_options=None, seed: int = 0):
     """Returns (run(n_steps) -> None that blocks, compile_seconds)."""
     images = batches[0]  # [S, B, ...] device arrays
     num_batches = images.shape[0]
@@ -107,7 +123,9 @@ def make_jax_variant(model, tx, batches, *, scan_steps: int, fast: bool, pool: s
     t0 = time.perf_counter()
     with fast_conv.patched_flax(conv=fast or conv_policy is not None, pool=pool,
                                 conv_policy=conv_policy):
-        compiled = fn.lower(carry, jnp.int32(0), batches).compile()
+        compiled = fn.lower(carry, jnp.int32(0), batches).compile(
+            compiler_options=compiler_options or None
+        )
     compile_s = time.perf_counter() - t0
     state = {"carry": carry, "i": 0}
 
@@ -182,13 +200,15 @@ def main(argv=None) -> int:
         fast = "fast" in parts
         pool = "reshape" if "pool" in parts else ("slices" if "spool" in parts else None)
         pols = [p for p in parts if p.startswith("pol=")]
+        xla = [p for p in parts if p.startswith("xla:")]
         conv_policy = parse_policy(pols[0][4:]) if pols else None
         scans = [p for p in parts if p.startswith("scan")]
         scan = int(scans[0][4:]) if scans else 0
         if args.steps % max(scan, 1):
             raise SystemExit(f"--steps {args.steps} must be a multiple of the scan length {scan}")
         runs[v], c = make_jax_variant(model, tx, (images, labels), scan_steps=scan, fast=fast,
-                                      pool=pool, conv_policy=conv_policy)
+                                      pool=pool, conv_policy=conv_policy,
+                                      compiler_options=parse_compiler_options(xla[0][4:]) if xla else None)
         info[v] = {"compile_s": round(c, 2)}
     for run in runs.values():  # warm-up
         run(args.steps)

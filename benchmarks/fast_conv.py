@@ -1,24 +1,33 @@
-"""Prototype: a faster CPU lowering of 2-D convolutions with few channels (LeNet-sized layers).
+"""Prototype: faster XLA:CPU lowerings for convolutions with few channels, and for pooling.
 
-XLA:CPU runs every convolution through Eigen's spatial convolution, which is slow when a layer has
-very few input or output channels (LeNet-5: 1 -> 6 and 6 -> 16 channels, 5x5 kernels): the forward
-conv of the first layer and the input gradient of the second take most of a LeNet-5 train step.
-`conv_general_dilated` below is a drop-in replacement for `jax.lax.conv_general_dilated` (same
-signature, same results within float32 rounding) that picks, per computation, a lowering that XLA
-turns into fast fused loops or matmuls:
+XLA:CPU runs convolutions through Eigen/YNNPACK, which are slow when a layer has very few input or
+output channels (LeNet-5: 1 -> 6 and 6 -> 16 channels, 5x5 kernels), and its loop emitter stops
+vectorising long fused multiply-add chains once an activation such as tanh is fused into them. In a
+LeNet-5 train step the forward conv of the first layer and the input gradient of the second take
+most of the time. `conv_general_dilated` below is a drop-in replacement for
+`jax.lax.conv_general_dilated` (same signature, same results within float32 rounding) that picks,
+per direction, a lowering by the number of input channels C_in (`ConvPolicy`, default `POLICY`):
 
-  forward, 1 input channel:      sum over the kh*kw taps of shifted input x kernel row (one fused
-                                 elementwise loop; no conv, no matmul)
-  input gradient, C_in <= 16:    dpatches = dy @ K^T (one matmul), then col2im (the transpose of
-                                 the im2col slicing: pads and adds, fused by XLA)
-  everything else:               XLA's own convolution (fast once channels are >= ~16-32)
+  forward, C_in == 1:          one matmul on "planar" patches, K^T [O, kh*kw] @ P [kh*kw, N*Ho*Wo],
+                               then a transpose to NHWC (the matmul output is a real buffer, so the
+                               following bias + tanh stay a short vectorised loop)
+  input gradient, C_in <= 8:   dP^T = K @ dy^T (one matmul) + col2im in the planar layout
+  kernel gradient, C_in 2..4:  one contraction of the stacked tap views with dy
+  everything else:             XLA's own conv and gradients (fast once channels are >= ~16)
 
-It is wired in through a `jax.custom_vjp`, so each of forward / input gradient / kernel gradient
-gets its own lowering. Only NHWC/HWIO, no dilation and feature_group_count=1 take the custom path;
-anything else falls back to `lax.conv_general_dilated` unchanged.
+It is wired in through a `jax.custom_vjp`, so each direction gets its own lowering. Only NHWC/HWIO,
+no dilation and feature_group_count=1 on the CPU back end take the custom path; anything else falls
+back to `lax.conv_general_dilated` unchanged. `ConvPolicy(canonical_grads=True)` writes stride-1
+gradients as explicit canonical forward convs, which keeps them fast inside `lax.scan` /
+`fori_loop` bodies, where XLA:CPU does not canonicalise its own conv gradients.
 
-flax.linen.Conv accepts the function as its `conv_general_dilated` field, so the model-side change
-is one line in `cnn_jax/layers.py` (see benchmarks/RESULTS.md, "Conv lowering").
+`max_pool` / `avg_pool` replace Flax's for non-overlapping windows (2x2 stride 2) with
+reshape + max/mean, whose gradient is elementwise instead of XLA's slow select-and-scatter /
+variadic reduce-window.
+
+flax.linen.Conv accepts the conv function as its `conv_general_dilated` field, so the model-side
+change is one line in `cnn_jax/layers.py` (see benchmarks/RESULTS.md, "CPU levers"); `patched_flax`
+applies both changes to unmodified models for measurement.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ class ConvPolicy:
     dx_im2col_max_c: int = 0
     dx_planar_max_c: int = 0
     canonical_grads: bool = False  # stride-1 gradients as explicit canonical convs (while loops)
+    cpu_only: bool = True  # GPUs/TPUs keep XLA's convs (cuDNN etc.): these lowerings are for XLA:CPU
 
     def fwd(self, c: int) -> str:
         if c <= self.fwd_dot_max_c:
@@ -75,8 +85,9 @@ class ConvPolicy:
         return "canonical" if (self.canonical_grads and stride1) else "xla"
 
     def is_plain(self, c: int) -> bool:
-        return (self.fwd(c), self.dk(c, True), self.dk(c, False), self.dx(c, True), self.dx(c, False)) == (
-            "xla",) * 5
+        directions = (self.fwd(c), self.dk(c, True), self.dk(c, False), self.dx(c, True),
+                      self.dx(c, False))
+        return directions == ("xla",) * 5
 
 
 # The proposed default, from full-train-step measurements on a 2-core AMD EPYC (AVX-512), jaxlib
@@ -123,7 +134,7 @@ def conv_general_dilated(
     ):
         return plain()
     c = lhs.shape[-1]
-    if POLICY.is_plain(c):
+    if POLICY.is_plain(c) or (POLICY.cpu_only and jax.default_backend() != "cpu"):
         return plain()  # enough channels: XLA's own conv and its gradients are the fastest
     strides = tuple(int(s) for s in window_strides)
     if isinstance(padding, str):
@@ -270,17 +281,9 @@ def _dot_fwd(x, k, strides, pads, precision, return_patches=False):
     return (y, p) if return_patches else y
 
 
-def _planar_to_nhwc(y):
-    """[C, N, H, W] -> [N, H, W, C] as a matmul with the identity: XLA:CPU does not fuse a dot
-    with the loop that produced `y`, so that loop stays vectorised along W."""
-    c = y.shape[0]
-    return lax.dot_general(y, jnp.eye(c, dtype=y.dtype), (((0,), (0,)), ((), ())),
-                           precision=lax.Precision.HIGHEST)
-
-
 def _planar_dx(g, k, x_shape, strides, pads, precision):
     """Input gradient: dpatches^T [kh*kw*C, M] = K @ dy^T (one matmul), col2im in the planar layout
-    [C, N, Hp, Wp] (pads and adds vectorised along W), then back to NHWC by `_planar_to_nhwc`."""
+    [C, N, Hp, Wp] (pads and adds along W), then back to NHWC."""
     kh, kw, c, o = k.shape
     n, h, w, _ = x_shape
     ho, wo = g.shape[1], g.shape[2]
@@ -301,7 +304,7 @@ def _planar_dx(g, k, x_shape, strides, pads, precision):
         dxp = placed if dxp is None else dxp + placed
     (plo, _), (qlo, _) = pads
     dxc = lax.slice(dxp, (0, 0, plo, qlo), (c, n, plo + h, qlo + w))
-    return _planar_to_nhwc(dxc)
+    return jnp.transpose(dxc, (1, 2, 3, 0))
 
 
 def _stack_dk(x, g, k_shape, strides, pads, precision):

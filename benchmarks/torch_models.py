@@ -209,6 +209,7 @@ class TorchTrainBenchmark:
         compile: bool | None = None, seed: int = 0,
     ):
         torch.manual_seed(seed)
+        self.threads = threads
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
@@ -260,6 +261,8 @@ class TorchTrainBenchmark:
         return self._sync(loss)
 
     def run_window(self) -> float:
+        if self.threads:  # several twins with different thread counts may alternate
+            torch.set_num_threads(self.threads)
         t0 = time.perf_counter()
         loss = self._train(self.steps)
         seconds = time.perf_counter() - t0

@@ -44,7 +44,7 @@ GPU_PLAN = {
 
 
 def measure(model, batch_size, steps, windows, *, torch_device, threads, dtype, steps_per_call,
-            use_torch, fast_paths=False):
+            use_torch, fast_paths=False, extra_torch_threads=()):
     from cnn_jax.bench import TrainBenchmark, bench_spec
 
     spec = bench_spec(model)
@@ -56,27 +56,35 @@ def measure(model, batch_size, steps, windows, *, torch_device, threads, dtype, 
         with fast_conv.patched_flax():
             fast_bench = TrainBenchmark(model, batch_size, steps, dtype=dtype,
                                         steps_per_call=steps_per_call)
-    torch_bench = None
+    torch_bench, extra_benches = None, {}
     if use_torch:
         from torch_models import TorchTrainBenchmark
 
-        torch_bench = TorchTrainBenchmark(
-            model, batch_size, steps, input_shape=spec["input_shape"],
-            num_classes=spec["num_classes"], options=spec["options"], device=torch_device,
-            threads=threads,
-        )
+        def twin(n_threads):
+            return TorchTrainBenchmark(
+                model, batch_size, steps, input_shape=spec["input_shape"],
+                num_classes=spec["num_classes"], options=spec["options"], device=torch_device,
+                threads=n_threads,
+            )
+
+        torch_bench = twin(threads)
         if torch_bench.num_params != jax_bench.num_params:
             raise AssertionError(
                 f"{model}: PyTorch twin has {torch_bench.num_params} parameters, cnn_jax "
                 f"{jax_bench.num_params}"
             )
+        if torch_device == "cpu":
+            extra_benches = {t: twin(t) for t in extra_torch_threads if t != threads}
     jax_windows, fast_windows, torch_windows = [], [], []
-    for _ in range(windows):  # alternate J [F] T J [F] T ... so load changes hit all alike
+    extra_windows = {t: [] for t in extra_benches}
+    for _ in range(windows):  # alternate J [F] T [T'] J [F] T [T'] ... so load changes hit all alike
         jax_windows.append(jax_bench.run_window())
         if fast_bench is not None:
             fast_windows.append(fast_bench.run_window())
         if torch_bench is not None:
             torch_windows.append(torch_bench.run_window())
+        for t, b in extra_benches.items():
+            extra_windows[t].append(b.run_window())
     row = jax_bench.result(jax_windows)
     if fast_bench is not None:
         fast_ips = steps * batch_size / statistics.median(fast_windows)
@@ -95,7 +103,16 @@ def measure(model, batch_size, steps, windows, *, torch_device, threads, dtype, 
         )
         if fast_bench is not None:
             row["fast_ratio"] = row["fast_images_per_sec"] / torch_ips
-    del jax_bench, fast_bench, torch_bench
+        if extra_benches:
+            row["torch_images_per_sec_by_threads"] = {
+                t: steps * batch_size / statistics.median(w) for t, w in extra_windows.items()
+            }
+            best = max(torch_ips, *row["torch_images_per_sec_by_threads"].values())
+            row["torch_best_images_per_sec"] = best
+            row["ratio_vs_best_torch"] = row["images_per_sec"] / best
+            if fast_bench is not None:
+                row["fast_ratio_vs_best_torch"] = row["fast_images_per_sec"] / best
+    del jax_bench, fast_bench, torch_bench, extra_benches
     gc.collect()
     return row
 
@@ -107,10 +124,15 @@ def fmt(x, spec=".0f"):
 def markdown(rows, meta) -> str:
     lines = [f"### Train-step throughput on {meta['platform'].upper()}", "", *report.header_lines(meta), ""]
     fast = any("fast_images_per_sec" in r for r in rows)
+    best = any("torch_best_images_per_sec" in r for r in rows)
     head = "| model | batch | cnn_jax img/s | PyTorch img/s | ratio cnn_jax/PyTorch |"
     rule = "|---|---:|---:|---:|---:|"
     if fast:
         head += " cnn_jax + fast paths img/s | ratio with fast paths |"
+        rule += "---:|---:|"
+    if best:
+        head += (" best PyTorch img/s (threads) | ratio vs best PyTorch"
+                 + (" (with fast paths)" if fast else "") + " |")
         rule += "---:|---:|"
     lines += [
         head + " cnn_jax compile s | cnn_jax path | peak mem MiB | params |",
@@ -125,6 +147,12 @@ def markdown(rows, meta) -> str:
         )
         if fast:
             cells += f" {fmt(r.get('fast_images_per_sec'))} | {fmt(r.get('fast_ratio'), '.2f')} |"
+        if best:
+            by = {meta.get("threads"): r.get("torch_images_per_sec"),
+                  **r.get("torch_images_per_sec_by_threads", {})}
+            t_best = max(by, key=lambda t: by[t] or 0)
+            ours = r.get("fast_ratio_vs_best_torch", r.get("ratio_vs_best_torch"))
+            cells += f" {fmt(r.get('torch_best_images_per_sec'))} ({t_best}) | {fmt(ours, '.2f')} |"
         lines.append(
             cells + f" {fmt(r['compile_seconds'], '.1f')} | {path}, {r['dtype']} | {fmt(mem)} | "
             f"{r['num_params']:,} |"
@@ -151,6 +179,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, help="steps per timed window (default: per model and batch)")
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch CPU threads")
+    p.add_argument("--extra-torch-threads", default="",
+                   help="also time PyTorch with these thread counts (comma-separated, CPU), e.g. 1: "
+                        "on a loaded machine 2-thread OpenMP can collapse; ratios are then also "
+                        "given against the best PyTorch configuration")
     p.add_argument("--steps-per-call", type=int, default=0, help="0: the engine's default")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--fast-paths", action="store_true",
@@ -169,6 +201,7 @@ def main(argv=None) -> int:
     meta = {
         "date": report.now(), "command": report.command_line(), "machine": report.machine(),
         "versions": report.versions(), "platform": platform_name, "windows": args.windows,
+        "threads": args.threads,
         "torch_mode": (f"eager float32, torch.set_num_threads({args.threads})" if torch_device == "cpu"
                        else "bf16 autocast + channels_last + torch.compile"),
         "memory_note": ("growth of the process's peak RSS over the run (CPU; includes compilation "
@@ -183,7 +216,8 @@ def main(argv=None) -> int:
             steps = args.steps or default_steps.get(b, 10)
             row = measure(model, b, steps, args.windows, torch_device=torch_device,
                           threads=args.threads, dtype=dtype, steps_per_call=args.steps_per_call,
-                          use_torch=not args.no_torch, fast_paths=args.fast_paths)
+                          use_torch=not args.no_torch, fast_paths=args.fast_paths,
+                          extra_torch_threads=[int(t) for t in args.extra_torch_threads.split(",") if t])
             rows.append(row)
             print(f"{model:15s} batch {b:4d}: cnn_jax {row['images_per_sec']:9.0f} img/s"
                   + (f"   fast paths {row['fast_images_per_sec']:9.0f} img/s"
