@@ -52,6 +52,7 @@ Nothing downloads: a dataset that is not prepared raises DataError naming
 scikit-learn) builds locally on first use; importing this package registers its tfds builder.
 """
 
+from cnn_jax.data import _tf  # noqa: F401  (quiets TensorFlow before anything imports it)
 from cnn_jax.data import digits as _digits  # noqa: F401  (registers the `digits` tfds builder)
 from cnn_jax.data.augment import normalize, preprocess, random_crop, random_flip, resize
 from cnn_jax.data.feeding import (

@@ -9,6 +9,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import os
+
+# TensorFlow only decodes and augments images here: its oneDNN kernels buy nothing and announce
+# themselves on every start, as do its C++ info logs. A user's own setting wins. Set before
+# tensorflow_datasets (which imports TensorFlow lazily) is first imported.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 @functools.cache
