@@ -158,6 +158,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--num-examples", type=int, default=10_000)
+    parser.add_argument(
+        "--train-steps", type=int, default=20,
+        help="steps per timed window of the train-step comparison (0 skips it)",
+    )  # fmt: skip
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,6 +189,26 @@ def main() -> None:
     print("{:<10} {:<8} {:<8} {:<34} {:>10} {:>9}".format(*header))
     for feeder, dataset, shape, what, ips, ms in rows:
         print(f"{feeder:<10} {dataset:<8} {shape:<8} {what:<34} {ips:>10,.0f} {ms:>9.2f}")
+    if args.train_steps:
+        print_train_steps(args.batch_size, args.train_steps)
+
+
+# The models the pipeline feeds for each data shape (the train step's side of the comparison).
+TRAIN_MODELS = {"mnist": ["lenet5"], "cifar10": ["simple_convnet"]}
+
+
+def print_train_steps(batch_size: int, steps: int) -> None:
+    """The engine's train-step images/s for the same batch size and data shapes."""
+    from cnn_jax.bench import run_benchmark
+
+    print(f"\ntrain step alone (cnn_jax.bench.run_benchmark), batch {batch_size}, synthetic data")
+    print("{:<8} {:<8} {:<16} {:>10}".format("data", "shape", "model", "images/s"))
+    for dataset, models in TRAIN_MODELS.items():
+        shape = tuple(SHAPES[dataset])
+        for model in models:
+            result = run_benchmark(model, batch_size, steps, input_shape=shape, num_classes=10)
+            print(f"{dataset:<8} {'x'.join(map(str, shape)):<8} {model:<16} "
+                  f"{result['images_per_sec']:>10,.0f}")  # fmt: skip
 
 
 if __name__ == "__main__":
