@@ -7,7 +7,8 @@ shared machine hits them alike, and each variant reports the median and best win
   jit          one jitted train step per Python call (donated state)
   scanK        K steps per call: `lax.scan` over K device-resident batches (no Python per step)
   fast         the model's convs through benchmarks/fast_conv.py (prototype of a model-side switch)
-  pool         flax max_pool/avg_pool through the reshape fast path (benchmarks/fast_conv.py)
+  pool         flax max_pool through the reshape fast path (benchmarks/fast_conv.py)
+  apool        flax max_pool and avg_pool through it
   spool        the same through elementwise max/add of strided views
   pol=SPEC     convs through fast_conv with an explicit policy, e.g. pol=dot4/pdk4/pdx8/dx8/stack3/taps1/canon
   xla:K=V;K=V  XLA debug options for this variant's compilation only (jit compiler_options), e.g.
@@ -83,7 +84,7 @@ def parse_compiler_options(spec: str) -> dict:
 
 
 def make_jax_variant(model, tx, batches, *, scan_steps: int, fast: bool, pool: str | None = None,
-                     conv_policy=None, compiler_options=None, seed: int = 0):
+                     conv_policy=None, compiler_options=None, avg_pool_too=False, seed: int = 0):
     """Returns (run(n_steps) -> None that blocks, compile_seconds)."""
     images = batches[0]  # [S, B, ...] device arrays
     num_batches = images.shape[0]
@@ -122,7 +123,7 @@ def make_jax_variant(model, tx, batches, *, scan_steps: int, fast: bool, pool: s
     carry = (params, stats, opt_state)
     t0 = time.perf_counter()
     with fast_conv.patched_flax(conv=fast or conv_policy is not None, pool=pool,
-                                conv_policy=conv_policy):
+                                conv_policy=conv_policy, avg_pool_too=avg_pool_too):
         compiled = fn.lower(carry, jnp.int32(0), batches).compile(
             compiler_options=compiler_options or None
         )
@@ -198,7 +199,8 @@ def main(argv=None) -> int:
             continue
         parts = v.split("+")
         fast = "fast" in parts
-        pool = "reshape" if "pool" in parts else ("slices" if "spool" in parts else None)
+        pool = "reshape" if {"pool", "apool"} & set(parts) else ("slices" if "spool" in parts else None)
+        avg_too = "apool" in parts
         pols = [p for p in parts if p.startswith("pol=")]
         xla = [p for p in parts if p.startswith("xla:")]
         conv_policy = parse_policy(pols[0][4:]) if pols else None
@@ -207,7 +209,7 @@ def main(argv=None) -> int:
         if args.steps % max(scan, 1):
             raise SystemExit(f"--steps {args.steps} must be a multiple of the scan length {scan}")
         runs[v], c = make_jax_variant(model, tx, (images, labels), scan_steps=scan, fast=fast,
-                                      pool=pool, conv_policy=conv_policy,
+                                      pool=pool, conv_policy=conv_policy, avg_pool_too=avg_too,
                                       compiler_options=parse_compiler_options(xla[0][4:]) if xla else None)
         info[v] = {"compile_s": round(c, 2)}
     for run in runs.values():  # warm-up

@@ -64,6 +64,9 @@ class ConvPolicy:
     dx_planar_max_c: int = 0
     canonical_grads: bool = False  # stride-1 gradients as explicit canonical convs (while loops)
     cpu_only: bool = True  # GPUs/TPUs keep XLA's convs (cuDNN etc.): these lowerings are for XLA:CPU
+    # Patches larger than this take XLA's path (measured: LeNet-5 conv1 patches are 10 MiB at batch
+    # 128, planar 1.6-1.9x faster; 40 MiB at batch 512, planar ~10% slower than XLA's).
+    max_patch_bytes: int = 16 * 2**20
 
     def fwd(self, c: int) -> str:
         if c <= self.fwd_dot_max_c:
@@ -91,11 +94,10 @@ class ConvPolicy:
 
 
 # The proposed default, from full-train-step measurements on a 2-core AMD EPYC (AVX-512), jaxlib
-# 0.10.2 (benchmarks/RESULTS.md): forward by planar matmul for 1 input channel (LeNet-5 conv1),
-# kernel gradient by stacked taps for 2-4 input channels (measured at 3: the small ConvNet's conv1),
-# input gradient by planar matmul + col2im up to 8 input channels (measured at 6: LeNet-5 conv2).
-# Every conv with more than 8 input channels keeps XLA's own lowering and gradients.
-POLICY = ConvPolicy(fwd_dot_max_c=1, dk_stack_c=(2, 3, 4), dx_planar_max_c=8)
+# 0.10.2 (benchmarks/RESULTS.md): every conv with at most 8 input channels (LeNet-5's two, the small
+# ConvNet's first) runs all three directions as planar im2col matmuls, the forward's patches reused
+# by the kernel gradient; convs with more input channels keep XLA's own lowering and gradients.
+POLICY = ConvPolicy(fwd_dot_max_c=8, dk_planar_max_c=8, dx_planar_max_c=8)
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -141,6 +143,12 @@ def conv_general_dilated(
         pads = tuple(lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding))
     else:
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    kh, kw = rhs.shape[:2]
+    ho = _out_size(lhs.shape[1], kh, strides[0], *pads[0])
+    wo = _out_size(lhs.shape[2], kw, strides[1], *pads[1])
+    patch_bytes = kh * kw * c * lhs.shape[0] * ho * wo * jnp.dtype(lhs.dtype).itemsize
+    if patch_bytes > POLICY.max_patch_bytes:
+        return plain()
     stride1 = strides == (1, 1)
     impls = (POLICY.fwd(c), POLICY.dk(c, stride1), POLICY.dx(c, stride1))
     return _conv(lhs, rhs, strides, pads, precision, impls)
@@ -253,17 +261,23 @@ def _canonical_dx(g, k, x_shape, pads, precision):
 
 
 def _planar_patches(x, kh, kw, strides, pads, out_hw):
-    """im2col with the taps and channels major: [kh*kw*C, N*Ho*Wo] (row t*C + c is tap t of channel
-    c), built from the planar input [C, N, H, W] so every view is a contiguous-row slice."""
+    """im2col with the taps and channels major: [kh*kw*C, N*Ho*Wo] (row (i*kw + j)*C + c is tap
+    (i, j) of channel c), from the planar input [C, N, H, W] so every view is a slice of whole rows.
+    Built in two stacks (kh row views, then kw column views of those): XLA:CPU materialises each
+    stacked view separately, so this is ~2x faster than one stack of kh*kw views."""
     (sh, sw), (ho, wo) = strides, out_hw
     xc = jnp.moveaxis(jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0))), -1, 0)  # [C, N, Hp, Wp]
-    c, n = xc.shape[:2]
-    views = [
-        lax.slice(xc, (0, 0, i, j), (c, n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1), (1, 1, sh, sw))
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    return jnp.stack(views, 0).reshape(kh * kw * c, n * ho * wo)
+    c, n, _, wp = xc.shape
+    rows = jnp.stack(
+        [lax.slice(xc, (0, 0, i, 0), (c, n, i + (ho - 1) * sh + 1, wp), (1, 1, sh, 1)) for i in range(kh)],
+        0,
+    )  # [kh, C, N, Ho, Wp]
+    cols = jnp.stack(
+        [lax.slice(rows, (0, 0, 0, 0, j), (kh, c, n, ho, j + (wo - 1) * sw + 1), (1, 1, 1, 1, sw))
+         for j in range(kw)],
+        1,
+    )  # [kh, kw, C, N, Ho, Wo]
+    return cols.reshape(kh * kw * c, n * ho * wo)
 
 
 def _dot_fwd(x, k, strides, pads, precision, return_patches=False):
@@ -372,10 +386,14 @@ def with_fast_conv(module_cls, **kwargs):
 
 
 @contextlib.contextmanager
-def patched_flax(conv: bool = True, pool: str | None = "reshape", conv_policy: ConvPolicy | None = None):
+def patched_flax(
+    conv: bool = True, pool: str | None = "reshape", conv_policy: ConvPolicy | None = None,
+    avg_pool_too: bool = False,
+):
     """While tracing, route every `flax.linen.Conv` through `conv_general_dilated` (under
-    `conv_policy`, default `POLICY`) and `flax.linen.max_pool` / `avg_pool` through the fast
-    pooling path `pool` ("reshape" | "slices" | None). A stand-in for the one-line changes proposed
+    `conv_policy`, default `POLICY`) and `flax.linen.max_pool` (and `avg_pool` if `avg_pool_too`:
+    measured slower for LeNet-5, whose tanh then fuses into the pooling) through the fast pooling
+    path `pool` ("reshape" | "slices" | None). A stand-in for the one-line changes proposed
     for cnn_jax/layers.py, so benchmarks can measure them on the real models and train step."""
     import types
 
@@ -395,7 +413,9 @@ def patched_flax(conv: bool = True, pool: str | None = "reshape", conv_policy: C
                 if conv_policy is not None:
                     stack.enter_context(policy(conv_policy))
             if pool:
-                nn.max_pool, nn.avg_pool, POOL_IMPL = max_pool, avg_pool, pool
+                nn.max_pool, POOL_IMPL = max_pool, pool
+                if avg_pool_too:
+                    nn.avg_pool = avg_pool
             yield
     finally:
         linear.lax, nn.max_pool, nn.avg_pool, POOL_IMPL = saved

@@ -122,7 +122,9 @@ def fmt(x, spec=".0f"):
 
 
 def markdown(rows, meta) -> str:
-    lines = [f"### Train-step throughput on {meta['platform'].upper()}", "", *report.header_lines(meta), ""]
+    title = f"### Train-step throughput on {meta['platform'].upper()}" + (
+        f" ({meta['tag']})" if meta.get("tag") else "")
+    lines = [title, "", *report.header_lines(meta), ""]
     fast = any("fast_images_per_sec" in r for r in rows)
     best = any("torch_best_images_per_sec" in r for r in rows)
     head = "| model | batch | cnn_jax img/s | PyTorch img/s | ratio cnn_jax/PyTorch |"
@@ -189,6 +191,8 @@ def main(argv=None) -> int:
                    help="also time the engine step with benchmarks/fast_conv.py's conv/pool paths")
     p.add_argument("--json", help="output JSON (default benchmarks/results/train_throughput_<platform>.json)")
     p.add_argument("--no-markdown", action="store_true", help="do not touch benchmarks/RESULTS.md")
+    p.add_argument("--tag", default="", help="suffix of the JSON file and RESULTS.md section, so a "
+                   "partial re-run does not replace the full table")
     args = p.parse_args(argv)
 
     import jax
@@ -201,7 +205,7 @@ def main(argv=None) -> int:
     meta = {
         "date": report.now(), "command": report.command_line(), "machine": report.machine(),
         "versions": report.versions(), "platform": platform_name, "windows": args.windows,
-        "threads": args.threads,
+        "threads": args.threads, "tag": args.tag,
         "torch_mode": (f"eager float32, torch.set_num_threads({args.threads})" if torch_device == "cpu"
                        else "bf16 autocast + channels_last + torch.compile"),
         "memory_note": ("growth of the process's peak RSS over the run (CPU; includes compilation "
@@ -228,11 +232,12 @@ def main(argv=None) -> int:
                   + f"   (compile {row['compile_seconds']:.1f}s, load {os.getloadavg()[0]:.1f})",
                   flush=True)
     meta["load_average_at_end"] = round(os.getloadavg()[0], 2)
-    out = Path(args.json) if args.json else report.RESULTS_DIR / f"train_throughput_{platform_name}.json"
+    name = f"train_throughput_{platform_name}" + (f"_{args.tag}" if args.tag else "")
+    out = Path(args.json) if args.json else report.RESULTS_DIR / f"{name}.json"
     report.write_json(out, {"meta": meta, "rows": rows})
     print(f"wrote {out}")
     if not args.no_markdown:
-        report.replace_section(f"train_throughput_{platform_name}", markdown(rows, meta))
+        report.replace_section(name, markdown(rows, meta))
         print(f"updated {report.RESULTS_MD}")
     return 0
 
