@@ -13,9 +13,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from cnn_jax.errors import CheckpointError, ConfigError
+from cnn_jax.models.summary import count_params
 from cnn_jax.train import backends, optimizers
 from cnn_jax.train import inputs as inputs_lib
 from cnn_jax.train.checkpoints import CheckpointStore, DamagedCheckpointError
@@ -68,10 +68,6 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, *, half_pre
 def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
     t = config.train
     return int(t.num_steps) if t.num_steps > 0 else int(t.num_epochs) * steps_per_epoch
-
-
-def count_params(params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
 class Run:
