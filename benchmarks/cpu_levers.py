@@ -4,28 +4,27 @@ Every variant trains the same model (Adam, softmax cross-entropy, float32) on th
 device-resident batches; timed windows of the variants are interleaved (A B C A B C ...) so a noisy,
 shared machine hits them alike, and each variant reports the median and best window.
 
-  jit          one jitted train step per Python call (donated state)
-  scanK        K steps per call: `lax.scan` over K device-resident batches (no Python per step)
-  fast         the model's convs through benchmarks/fast_conv.py (prototype of a model-side switch)
-  pool         flax max_pool through the reshape fast path (benchmarks/fast_conv.py)
-  apool        flax max_pool and avg_pool through it
-  spool        the same through elementwise max/add of strided views
-  pol=SPEC     convs through fast_conv with an explicit policy, e.g. pol=dot4/pdk4/pdx8/dx8/stack3/taps1/canon
-  xla:K=V;K=V  XLA debug options for this variant's compilation only (jit compiler_options), e.g.
+  fast         one jitted train step per call with the CPU fast paths (cnn_jax.fast_paths; the default)
+  plain        the same without them (`use_fast_paths(False)`: XLA's default lowering and options)
+  fast/K=V/..  the fast paths with some turned off or changed (`FastPathPolicy` fields):
+                 eigen=0        keep XLA's default YNNPACK convolutions (no compiler options)
+                 in=N, out=M    planar im2col for convs with <= N input channels and <= M outputs
+                 patch=BYTES    ... whose patches fit in BYTES
+                 pool=0         XLA's reduce-window max pooling
+  +scanK       K steps per call: `lax.scan` over K device-resident batches (no Python per step)
+  +xla:K=V;K=V extra XLA options for this variant's compilation only (jit compiler_options), e.g.
                "xla:xla_cpu_use_onednn=true" -- lets flags be compared inside one process
-  a+b+...      combinations, e.g. fast+pool+scan20
   torch        PyTorch eager, `torch.set_num_threads(threads)`
 
-XLA flags go per variant ("xla:..."; passed as `compiler_options` to that variant's compilation),
-so flag settings are compared inside one process too. List the available ones with
-`XLA_FLAGS=--help python -c "import jax; jax.numpy.ones(1)"`.
+List the available XLA flags with `XLA_FLAGS=--help python -c "import jax; jax.numpy.ones(1)"`.
 
-  python benchmarks/cpu_levers.py --model lenet5 --batch-size 128 --variants jit,fast,fast+scan20,torch
+  python benchmarks/cpu_levers.py --model lenet5 --batch-size 128 --variants plain,fast,fast/eigen=0,torch
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -35,38 +34,34 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import fast_conv
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cnn_jax import fast_paths
 from cnn_jax.bench import BENCH_MODELS
 from cnn_jax.models import get_model
 
+POLICY_KEYS = {
+    "eigen": ("eigen_convolutions", lambda v: v not in ("0", "false")),
+    "in": ("planar_conv_max_in_channels", int),
+    "out": ("planar_conv_max_out_features", int),
+    "patch": ("planar_conv_max_patch_bytes", int),
+    "pool": ("reshape_max_pool", lambda v: v not in ("0", "false")),
+}
 
-def parse_policy(spec: str):
-    """'dx8/stack3/taps1/canon' -> fast_conv.ConvPolicy (im2col dx for C_in <= 8, stacked dK for
-    C_in == 3, taps forward for C_in <= 1, canonical stride-1 gradients otherwise)."""
-    kw = {}
+
+def parse_policy(spec: str) -> fast_paths.FastPathPolicy:
+    """'eigen=0/in=1' -> FastPathPolicy(eigen_convolutions=False, planar_conv_max_in_channels=1)."""
+    changes = {}
     for tok in filter(None, spec.split("/")):
-        if tok.startswith("pdx"):
-            kw["dx_planar_max_c"] = int(tok[3:])
-        elif tok.startswith("dx"):
-            kw["dx_im2col_max_c"] = int(tok[2:])
-        elif tok.startswith("pdk"):
-            kw["dk_planar_max_c"] = int(tok[3:])
-        elif tok.startswith("stack"):
-            kw["dk_stack_c"] = tuple(int(c) for c in tok[5:].split(","))
-        elif tok.startswith("dot"):
-            kw["fwd_dot_max_c"] = int(tok[3:])
-        elif tok.startswith("taps"):
-            kw["fwd_taps_max_c"] = int(tok[4:])
-        elif tok == "canon":
-            kw["canonical_grads"] = True
-        else:
-            raise SystemExit(f"unknown policy token {tok!r}")
-    return fast_conv.ConvPolicy(**kw)
+        key, _, value = tok.partition("=")
+        if key not in POLICY_KEYS or not value:
+            raise SystemExit(f"unknown policy setting {tok!r}; expected one of {sorted(POLICY_KEYS)}=VALUE")
+        field, convert = POLICY_KEYS[key]
+        changes[field] = convert(value)
+    return dataclasses.replace(fast_paths.DEFAULT_POLICY, **changes)
 
 
 def parse_compiler_options(spec: str) -> dict:
@@ -83,8 +78,9 @@ def parse_compiler_options(spec: str) -> dict:
     return out
 
 
-def make_jax_variant(model, tx, batches, *, scan_steps: int, fast: bool, pool: str | None = None,
-                     conv_policy=None, compiler_options=None, avg_pool_too=False, seed: int = 0):
+def make_jax_variant(model, tx, batches, *, scan_steps: int, fast: bool,
+                     policy: fast_paths.FastPathPolicy | None = None, compiler_options=None,
+                     seed: int = 0):
     """Returns (run(n_steps) -> None that blocks, compile_seconds)."""
     images = batches[0]  # [S, B, ...] device arrays
     num_batches = images.shape[0]
@@ -122,11 +118,9 @@ def make_jax_variant(model, tx, batches, *, scan_steps: int, fast: bool, pool: s
     fn = jax.jit(many if scan_steps else single, donate_argnums=0)
     carry = (params, stats, opt_state)
     t0 = time.perf_counter()
-    with fast_conv.patched_flax(conv=fast or conv_policy is not None, pool=pool,
-                                conv_policy=conv_policy, avg_pool_too=avg_pool_too):
-        compiled = fn.lower(carry, jnp.int32(0), batches).compile(
-            compiler_options=compiler_options or None
-        )
+    with fast_paths.use_fast_paths(fast, policy):
+        options = {**(fast_paths.compiler_options() or {}), **(compiler_options or {})}
+        compiled = fn.lower(carry, jnp.int32(0), batches).compile(compiler_options=options or None)
     compile_s = time.perf_counter() - t0
     state = {"carry": carry, "i": 0}
 
@@ -175,7 +169,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="lenet5")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--variants", default="jit,scan20,fast,fast+scan20,torch")
+    p.add_argument("--variants", default="plain,fast,fast/eigen=0,fast/in=0,fast/pool=0,torch")
     p.add_argument("--steps", type=int, default=40, help="steps per timed window")
     p.add_argument("--windows", type=int, default=7)
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -198,19 +192,18 @@ def main(argv=None) -> int:
             info[v] = {"params": n}
             continue
         parts = v.split("+")
-        fast = "fast" in parts
-        pool = "reshape" if {"pool", "apool"} & set(parts) else ("slices" if "spool" in parts else None)
-        avg_too = "apool" in parts
-        pols = [p for p in parts if p.startswith("pol=")]
-        xla = [p for p in parts if p.startswith("xla:")]
-        conv_policy = parse_policy(pols[0][4:]) if pols else None
-        scans = [p for p in parts if p.startswith("scan")]
+        base, _, policy_spec = parts[0].partition("/")
+        if base not in ("fast", "plain"):
+            raise SystemExit(f"variant {v!r} must start with 'fast', 'plain' or be 'torch'")
+        xla = [p for p in parts[1:] if p.startswith("xla:")]
+        scans = [p for p in parts[1:] if p.startswith("scan")]
         scan = int(scans[0][4:]) if scans else 0
         if args.steps % max(scan, 1):
             raise SystemExit(f"--steps {args.steps} must be a multiple of the scan length {scan}")
-        runs[v], c = make_jax_variant(model, tx, (images, labels), scan_steps=scan, fast=fast,
-                                      pool=pool, conv_policy=conv_policy, avg_pool_too=avg_too,
-                                      compiler_options=parse_compiler_options(xla[0][4:]) if xla else None)
+        runs[v], c = make_jax_variant(
+            model, tx, (images, labels), scan_steps=scan, fast=base == "fast",
+            policy=parse_policy(policy_spec), compiler_options=parse_compiler_options(xla[0][4:]) if xla else None,
+        )
         info[v] = {"compile_s": round(c, 2)}
     for run in runs.values():  # warm-up
         run(args.steps)

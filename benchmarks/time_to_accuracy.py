@@ -19,7 +19,6 @@ MNIST comes from the IDX files in ../shared/data/mnist, imported offline with
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import tempfile
@@ -82,14 +81,14 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], help="config override key=value")
     p.add_argument("--json", help="output JSON (default benchmarks/results/time_to_accuracy_<platform>.json)")
     p.add_argument("--no-markdown", action="store_true")
-    p.add_argument("--fast-paths", action="store_true",
-                   help="trace the run with benchmarks/fast_conv.py's conv/pool paths (the changes "
-                        "proposed for cnn_jax/layers.py)")
+    p.add_argument("--no-fast-paths", action="store_true",
+                   help="trace the run without the CPU fast paths (cnn_jax.fast_paths), to compare")
     args = p.parse_args(argv)
 
     import jax
 
     from cnn_jax.config import apply_overrides, load_config
+    from cnn_jax.fast_paths import use_fast_paths
     from cnn_jax.train.loop import train_and_evaluate
 
     prepare_mnist(args.data_dir, Path(args.mnist))
@@ -99,12 +98,8 @@ def main(argv=None) -> int:
     platform_name = jax.devices()[0].platform
     meta = {"date": report.now(), "command": report.command_line(), "machine": report.machine(),
             "versions": report.versions(), "platform": platform_name}
-    patch = contextlib.nullcontext()
-    if args.fast_paths:
-        import fast_conv
-
-        patch = fast_conv.patched_flax()
-    with tempfile.TemporaryDirectory(prefix="cnn_jax_tta_") as workdir, patch:
+    fast = not args.no_fast_paths
+    with tempfile.TemporaryDirectory(prefix="cnn_jax_tta_") as workdir, use_fast_paths(fast):
         t0 = time.perf_counter()
         rep = TimingReporter(t0)
         results = train_and_evaluate(config, workdir, reporter=rep)
@@ -115,7 +110,7 @@ def main(argv=None) -> int:
     num_train = 60000 if "mnist" in config.dataset.name else None
     row = {
         "experiment": args.experiment,
-        "fast_paths": args.fast_paths,
+        "fast_paths": fast,
         "overrides": args.set,
         "batch_size": int(config.train.batch_size),
         "epochs": results.get("epochs"),
@@ -132,7 +127,7 @@ def main(argv=None) -> int:
         "evals": rep.evals,
         "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
     }
-    suffix = "_fast" if args.fast_paths else ""
+    suffix = "" if fast else "_plain"
     out = Path(args.json) if args.json else report.RESULTS_DIR / f"time_to_accuracy_{platform_name}{suffix}.json"
     report.write_json(out, {"meta": meta, "result": row})
     print(f"time to {TARGET:.0%}: "
@@ -143,7 +138,7 @@ def main(argv=None) -> int:
           + f"; final accuracy {row['final_test_accuracy']:.4f}")
     print(f"wrote {out}")
     if not args.no_markdown:
-        title = " with the proposed fast paths" if args.fast_paths else ""
+        title = "" if fast else " without the CPU fast paths"
         lines = [f"### LeNet-5 on MNIST: time to 99% and one epoch ({platform_name.upper()}){title}", "",
                  *report.header_lines(meta), "",
                  ("| experiment | batch | time to 99% (s) | epochs to 99% | first epoch, all included (s) "
@@ -151,7 +146,7 @@ def main(argv=None) -> int:
                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         f = lambda x, s=".1f": "-" if x is None else format(x, s)
         lines.append(
-            f"| {row['experiment']} {' '.join(args.set)}{' + fast paths' if args.fast_paths else ''} | "
+            f"| {row['experiment']} {' '.join(args.set)}{'' if fast else ' (no fast paths)'} | "
             f"{row['batch_size']} | "
             f"{f(row['time_to_99_seconds']) if hit else 'not reached'} | {f(row['epochs_to_99'], 'g')} | "
             f"{f(row['first_epoch_seconds_all_included'])} | {f(row['steady_epoch_train_seconds'])} | "
@@ -159,7 +154,7 @@ def main(argv=None) -> int:
         )
         lines += ["", ("Wall times from the start of `train_and_evaluate` (compilation, MNIST loading "
                   "and the per-epoch evaluations of all 10,000 test images included).")]
-        name = f"time_to_accuracy_{platform_name}" + ("_fast" if args.fast_paths else "")
+        name = f"time_to_accuracy_{platform_name}" + suffix
         report.replace_section(name, "\n".join(lines))
     return 0
 

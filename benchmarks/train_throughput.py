@@ -44,18 +44,18 @@ GPU_PLAN = {
 
 
 def measure(model, batch_size, steps, windows, *, torch_device, threads, dtype, steps_per_call,
-            use_torch, fast_paths=False, extra_torch_threads=()):
+            use_torch, plain=False, extra_torch_threads=()):
     from cnn_jax.bench import TrainBenchmark, bench_spec
 
     spec = bench_spec(model)
     jax_bench = TrainBenchmark(model, batch_size, steps, dtype=dtype, steps_per_call=steps_per_call)
-    fast_bench = None
-    if fast_paths:  # the same engine step, traced with the conv/pool changes proposed for layers.py
-        import fast_conv
+    plain_bench = None
+    if plain:  # the same engine step with the CPU fast paths off
+        from cnn_jax.fast_paths import use_fast_paths
 
-        with fast_conv.patched_flax():
-            fast_bench = TrainBenchmark(model, batch_size, steps, dtype=dtype,
-                                        steps_per_call=steps_per_call)
+        with use_fast_paths(False):
+            plain_bench = TrainBenchmark(model, batch_size, steps, dtype=dtype,
+                                         steps_per_call=steps_per_call)
     torch_bench, extra_benches = None, {}
     if use_torch:
         from torch_models import TorchTrainBenchmark
@@ -75,22 +75,22 @@ def measure(model, batch_size, steps, windows, *, torch_device, threads, dtype, 
             )
         if torch_device == "cpu":
             extra_benches = {t: twin(t) for t in extra_torch_threads if t != threads}
-    jax_windows, fast_windows, torch_windows = [], [], []
+    jax_windows, plain_windows, torch_windows = [], [], []
     extra_windows = {t: [] for t in extra_benches}
-    for _ in range(windows):  # alternate J [F] T [T'] J [F] T [T'] ... so load changes hit all alike
+    for _ in range(windows):  # alternate J [P] T [T'] J [P] T [T'] ... so load changes hit all alike
         jax_windows.append(jax_bench.run_window())
-        if fast_bench is not None:
-            fast_windows.append(fast_bench.run_window())
+        if plain_bench is not None:
+            plain_windows.append(plain_bench.run_window())
         if torch_bench is not None:
             torch_windows.append(torch_bench.run_window())
         for t, b in extra_benches.items():
             extra_windows[t].append(b.run_window())
     row = jax_bench.result(jax_windows)
-    if fast_bench is not None:
-        fast_ips = steps * batch_size / statistics.median(fast_windows)
-        row.update(fast_images_per_sec=fast_ips,
-                   fast_window_images_per_sec=[steps * batch_size / s for s in fast_windows],
-                   fast_compile_seconds=fast_bench.result(fast_windows)["compile_seconds"])
+    if plain_bench is not None:
+        plain_ips = steps * batch_size / statistics.median(plain_windows)
+        row.update(plain_images_per_sec=plain_ips,
+                   plain_window_images_per_sec=[steps * batch_size / s for s in plain_windows],
+                   plain_compile_seconds=plain_bench.result(plain_windows)["compile_seconds"])
     if torch_bench is not None:
         torch_ips = steps * batch_size / statistics.median(torch_windows)
         row.update(
@@ -101,8 +101,8 @@ def measure(model, batch_size, steps, windows, *, torch_device, threads, dtype, 
                         else f"eager float32, {threads} threads"),
             ratio=row["images_per_sec"] / torch_ips,
         )
-        if fast_bench is not None:
-            row["fast_ratio"] = row["fast_images_per_sec"] / torch_ips
+        if plain_bench is not None:
+            row["plain_ratio"] = row["plain_images_per_sec"] / torch_ips
         if extra_benches:
             row["torch_images_per_sec_by_threads"] = {
                 t: steps * batch_size / statistics.median(w) for t, w in extra_windows.items()
@@ -110,9 +110,7 @@ def measure(model, batch_size, steps, windows, *, torch_device, threads, dtype, 
             best = max(torch_ips, *row["torch_images_per_sec_by_threads"].values())
             row["torch_best_images_per_sec"] = best
             row["ratio_vs_best_torch"] = row["images_per_sec"] / best
-            if fast_bench is not None:
-                row["fast_ratio_vs_best_torch"] = row["fast_images_per_sec"] / best
-    del jax_bench, fast_bench, torch_bench, extra_benches
+    del jax_bench, plain_bench, torch_bench, extra_benches
     gc.collect()
     return row
 
@@ -125,16 +123,15 @@ def markdown(rows, meta) -> str:
     title = f"### Train-step throughput on {meta['platform'].upper()}" + (
         f" ({meta['tag']})" if meta.get("tag") else "")
     lines = [title, "", *report.header_lines(meta), ""]
-    fast = any("fast_images_per_sec" in r for r in rows)
+    plain = any("plain_images_per_sec" in r for r in rows)
     best = any("torch_best_images_per_sec" in r for r in rows)
     head = "| model | batch | cnn_jax img/s | PyTorch img/s | ratio cnn_jax/PyTorch |"
     rule = "|---|---:|---:|---:|---:|"
-    if fast:
-        head += " cnn_jax + fast paths img/s | ratio with fast paths |"
+    if plain:
+        head += " cnn_jax without fast paths img/s | ratio without |"
         rule += "---:|---:|"
     if best:
-        head += (" best PyTorch img/s (threads) | ratio vs best PyTorch"
-                 + (" (with fast paths)" if fast else "") + " |")
+        head += " best PyTorch img/s (threads) | ratio vs best PyTorch |"
         rule += "---:|---:|"
     lines += [
         head + " cnn_jax compile s | cnn_jax path | peak mem MiB | params |",
@@ -147,14 +144,14 @@ def markdown(rows, meta) -> str:
             f"| {r['model']} | {r['batch_size']} | {fmt(r['images_per_sec'])} | "
             f"{fmt(r.get('torch_images_per_sec'))} | {fmt(r.get('ratio'), '.2f')} |"
         )
-        if fast:
-            cells += f" {fmt(r.get('fast_images_per_sec'))} | {fmt(r.get('fast_ratio'), '.2f')} |"
+        if plain:
+            cells += f" {fmt(r.get('plain_images_per_sec'))} | {fmt(r.get('plain_ratio'), '.2f')} |"
         if best:
             by = {meta.get("threads"): r.get("torch_images_per_sec"),
                   **r.get("torch_images_per_sec_by_threads", {})}
             t_best = max(by, key=lambda t: by[t] or 0)
-            ours = r.get("fast_ratio_vs_best_torch", r.get("ratio_vs_best_torch"))
-            cells += f" {fmt(r.get('torch_best_images_per_sec'))} ({t_best}) | {fmt(ours, '.2f')} |"
+            cells += (f" {fmt(r.get('torch_best_images_per_sec'))} ({t_best}) | "
+                      f"{fmt(r.get('ratio_vs_best_torch'), '.2f')} |")
         lines.append(
             cells + f" {fmt(r['compile_seconds'], '.1f')} | {path}, {r['dtype']} | {fmt(mem)} | "
             f"{r['num_params']:,} |"
@@ -165,12 +162,12 @@ def markdown(rows, meta) -> str:
         "in one process after compilation and a warm-up epoch. PyTorch: "
         f"{meta['torch_mode']}. Peak memory: {meta['memory_note']}."),
     ]
-    if fast:
-        lines.append(
-            "\n\"Fast paths\": the same engine step traced with the conv lowering and pooling "
-            "changes proposed for `cnn_jax/layers.py` (prototype: `benchmarks/fast_conv.py`, "
-            "`POLICY` and the reshape pooling), timed in the same alternation."
-        )
+    lines.append(
+        "\n\"cnn_jax\" is the default engine step, with the CPU fast paths of `cnn_jax.fast_paths` "
+        "(Eigen instead of YNNPACK convolutions, planar im2col for few-channel convs, reshape max "
+        "pooling)." + (" \"Without fast paths\": the same step traced and compiled under "
+                       "`use_fast_paths(False)`, timed in the same alternation." if plain else "")
+    )
     return "\n".join(lines)
 
 
@@ -187,8 +184,8 @@ def main(argv=None) -> int:
                         "given against the best PyTorch configuration")
     p.add_argument("--steps-per-call", type=int, default=0, help="0: the engine's default")
     p.add_argument("--no-torch", action="store_true")
-    p.add_argument("--fast-paths", action="store_true",
-                   help="also time the engine step with benchmarks/fast_conv.py's conv/pool paths")
+    p.add_argument("--plain", action="store_true",
+                   help="also time the engine step with the CPU fast paths off (cnn_jax.fast_paths)")
     p.add_argument("--json", help="output JSON (default benchmarks/results/train_throughput_<platform>.json)")
     p.add_argument("--no-markdown", action="store_true", help="do not touch benchmarks/RESULTS.md")
     p.add_argument("--tag", default="", help="suffix of the JSON file and RESULTS.md section, so a "
@@ -220,15 +217,15 @@ def main(argv=None) -> int:
             steps = args.steps or default_steps.get(b, 10)
             row = measure(model, b, steps, args.windows, torch_device=torch_device,
                           threads=args.threads, dtype=dtype, steps_per_call=args.steps_per_call,
-                          use_torch=not args.no_torch, fast_paths=args.fast_paths,
+                          use_torch=not args.no_torch, plain=args.plain,
                           extra_torch_threads=[int(t) for t in args.extra_torch_threads.split(",") if t])
             rows.append(row)
             print(f"{model:15s} batch {b:4d}: cnn_jax {row['images_per_sec']:9.0f} img/s"
-                  + (f"   fast paths {row['fast_images_per_sec']:9.0f} img/s"
-                     if "fast_images_per_sec" in row else "")
+                  + (f"   without fast paths {row['plain_images_per_sec']:9.0f} img/s"
+                     if "plain_images_per_sec" in row else "")
                   + (f"   PyTorch {row['torch_images_per_sec']:9.0f} img/s   ratio {row['ratio']:.2f}"
                      if "ratio" in row else "")
-                  + (f" (fast paths {row['fast_ratio']:.2f})" if "fast_ratio" in row else "")
+                  + (f" (without fast paths {row['plain_ratio']:.2f})" if "plain_ratio" in row else "")
                   + f"   (compile {row['compile_seconds']:.1f}s, load {os.getloadavg()[0]:.1f})",
                   flush=True)
     meta["load_average_at_end"] = round(os.getloadavg()[0], 2)

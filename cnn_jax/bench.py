@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnn_jax import fast_paths
 from cnn_jax.errors import ConfigError
 
 # The benchmarked configurations: input shape (H, W, C), classes and model options as the
@@ -65,7 +66,7 @@ RESULT_KEYS = (
     "num_devices", "backend", "dtype", "compiled_loop", "input_shape", "num_classes", "num_params",
     "step_seconds_median", "window_images_per_sec", "flops_per_step", "achieved_flops_per_sec",
     "peak_flops_per_sec", "mfu", "mfu_note", "peak_memory_bytes", "peak_memory_source", "jax_version",
-    "host", "xla_flags",
+    "host", "xla_flags", "fast_paths",
 )
 
 
@@ -187,6 +188,7 @@ class TrainBenchmark:
         self.num_classes = int(num_classes or spec["num_classes"])
         self.devices = devices
         self._rss_before = _current_rss_bytes()
+        self.fast_paths = fast_paths.fast_paths_enabled()  # as traced below
 
         config = default_config()
         config.model.name = model_name
@@ -307,6 +309,7 @@ class TrainBenchmark:
             "jax_version": jax.__version__,
             "host": platform.node(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "fast_paths": self.fast_paths,
         }
 
 

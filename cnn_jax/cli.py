@@ -460,22 +460,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from cnn_jax.bench import run_benchmark
+    from cnn_jax.fast_paths import use_fast_paths
 
-    result = run_benchmark(
-        args.model,
-        args.batch_size,
-        args.steps,
-        input_shape=args.input_shape,
-        dtype=args.dtype,
-        backend=args.backend,
-    )
+    with use_fast_paths(not args.no_fast_paths):
+        result = run_benchmark(
+            args.model,
+            args.batch_size,
+            args.steps,
+            input_shape=args.input_shape,
+            dtype=args.dtype,
+            backend=args.backend,
+        )
     if args.json:
         _out(json.dumps(result, indent=2, default=str))
         return 0
     mfu = result.get("mfu")
     _out(
         f"{result['model']} on {result.get('device')}: {result['images_per_sec']:,.0f} images/s "
-        f"(batch {result['batch_size']}, {result.get('dtype')}, {result.get('backend')}), "
+        f"(batch {result['batch_size']}, {result.get('dtype')}, {result.get('backend')}"
+        + ("" if result.get("fast_paths") else ", fast paths off")
+        + "), "
         f"compile {result.get('compile_seconds', 0):.1f} s"
         + (f", MFU {100 * mfu:.1f}%" if mfu else "")
     )
@@ -664,6 +668,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="compute dtype; parameters stay float32",
         )
         p.add_argument("--backend", choices=["jit", "pmap"], default="jit")
+        p.add_argument(
+            "--no-fast-paths",
+            action="store_true",
+            help="trace without the CPU fast paths (cnn_jax.fast_paths), to compare",
+        )
         p.add_argument("--json", action="store_true", help="print every measured value as JSON")
     return parser
 

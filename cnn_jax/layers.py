@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnn_jax import fast_paths
 from cnn_jax.errors import ConfigError, ShapeError
 
 ModuleDef = Any
@@ -192,10 +193,12 @@ class Conv(nn.Conv):
 
     The kernel init is torchvision's `kaiming_normal_(mode="fan_out", nonlinearity="relu")`, which
     keeps deep plain ReLU nets (VGG without BatchNorm) trainable; Flax's default LeCun init halves the
-    signal variance at every ReLU.
+    signal variance at every ReLU. Convolutions go through `cnn_jax.fast_paths.conv_general_dilated`
+    (XLA's own conv except for few-channel convs on CPU).
     """
 
     kernel_init: Callable = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    conv_general_dilated: Callable | None = fast_paths.conv_general_dilated
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         """inputs: [N, H, W, C_in] -> [N, H', W', features]."""
@@ -250,7 +253,7 @@ class Pool(nn.Module):
         if not isinstance(padding, str):
             padding = padding_pairs(padding, x.shape[1:3], windows, strides)
         if self.kind == "max":
-            return nn.max_pool(x, windows, strides, padding)
+            return fast_paths.max_pool(x, windows, strides, padding)
         return nn.avg_pool(x, windows, strides, padding)
 
 

@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import json
-import sys
 import types
-from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
-from jax import lax
 
 from cnn_jax.bench import BENCH_MODELS, RESULT_KEYS, bench_spec, peak_bf16_flops, run_benchmark
 from cnn_jax.errors import ConfigError
@@ -80,101 +74,3 @@ def test_bench_specs_and_peak_table():
     assert peak_bf16_flops(dev("gpu", "NVIDIA H100 PCIe")) == 756e12
     assert peak_bf16_flops(dev("gpu", "NVIDIA H200")) == 989.4e12
     assert peak_bf16_flops(dev("gpu", "Some Future GPU")) is None
-
-
-# --------------------------------------------------------------------------------------------------
-# The CPU fast paths prototyped in benchmarks/fast_conv.py must give the plain path's results.
-# --------------------------------------------------------------------------------------------------
-
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-@pytest.fixture(scope="module")
-def fast_conv():
-    sys.path.insert(0, str(BENCH_DIR))
-    try:
-        import fast_conv as module
-    finally:
-        sys.path.remove(str(BENCH_DIR))
-    return module
-
-
-CONV_CASES = [  # (H, C_in, C_out, kernel, stride, padding)
-    (12, 1, 6, 5, 1, "SAME"),  # LeNet-5 conv1
-    (9, 6, 16, 5, 1, "VALID"),  # LeNet-5 conv2
-    (8, 3, 8, 3, 1, ((1, 1), (1, 1))),  # small ConvNet conv1
-    (9, 3, 5, 3, 2, ((1, 2), (0, 1))),  # strided, asymmetric padding
-    (7, 12, 4, 3, 1, "SAME"),  # above every threshold: plain XLA
-]
-
-
-@pytest.mark.parametrize("case", CONV_CASES)
-def test_fast_conv_matches_lax_values_and_gradients(fast_conv, case):
-    h, c, o, k, s, pad = case
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((3, h, h, c), np.float32))
-    w = jnp.asarray(rng.standard_normal((k, k, c, o), np.float32))
-    dn = ("NHWC", "HWIO", "NHWC")
-    plain = lambda x, w: lax.conv_general_dilated(x, w, (s, s), pad, dimension_numbers=dn)
-    y, vjp = jax.vjp(plain, x, w)
-    g = jnp.asarray(rng.standard_normal(y.shape, np.float32))
-    dx, dw = vjp(g)
-    everything = fast_conv.ConvPolicy(
-        fwd_dot_max_c=1, fwd_taps_max_c=2, dk_stack_c=(2, 3, 4), dk_planar_max_c=1,
-        dx_planar_max_c=8, dx_im2col_max_c=16, canonical_grads=True,
-    )
-    for policy in (fast_conv.POLICY, everything, fast_conv.ConvPolicy(canonical_grads=True)):
-        with fast_conv.policy(policy):
-            fast = lambda x, w: fast_conv.conv_general_dilated(x, w, (s, s), pad, dimension_numbers=dn)
-            y2, vjp2 = jax.vjp(fast, x, w)
-            dx2, dw2 = vjp2(g)
-        np.testing.assert_allclose(y2, y, rtol=1e-5, atol=1e-4)
-        np.testing.assert_allclose(dx2, dx, rtol=1e-5, atol=1e-4)
-        np.testing.assert_allclose(dw2, dw, rtol=1e-5, atol=1e-3)
-
-
-@pytest.mark.parametrize("impl", ["reshape", "slices"])
-def test_fast_pooling_matches_flax(fast_conv, impl):
-    from flax.linen import pooling
-
-    rng = np.random.default_rng(1)
-    fast_conv.POOL_IMPL, saved = impl, fast_conv.POOL_IMPL
-    try:
-        for shape, window in [((2, 8, 8, 3), (2, 2)), ((2, 7, 9, 2), (2, 2)), ((1, 9, 9, 4), (3, 3))]:
-            x = jnp.asarray(rng.standard_normal(shape, np.float32))  # no ties
-            for fast, ref in [(fast_conv.max_pool, pooling.max_pool),
-                              (fast_conv.avg_pool, pooling.avg_pool)]:
-                y, vjp = jax.vjp(lambda x, ref=ref, w=window: ref(x, w, w, "VALID"), x)
-                y2, vjp2 = jax.vjp(lambda x, fast=fast, w=window: fast(x, w, w, "VALID"), x)
-                g = jnp.asarray(rng.standard_normal(y.shape, np.float32))
-                np.testing.assert_allclose(y2, y, rtol=1e-6, atol=1e-6)
-                np.testing.assert_allclose(vjp2(g)[0], vjp(g)[0], rtol=1e-6, atol=1e-6)
-        # Overlapping windows / padding fall back to Flax's own pooling.
-        x = jnp.asarray(rng.standard_normal((1, 8, 8, 2), np.float32))
-        np.testing.assert_array_equal(fast_conv.max_pool(x, (3, 3), (2, 2), "SAME"),
-                                      pooling.max_pool(x, (3, 3), (2, 2), "SAME"))
-    finally:
-        fast_conv.POOL_IMPL = saved
-
-
-@pytest.mark.parametrize("model_name, shape", [("lenet5", (28, 28, 1)), ("simple_convnet", (16, 16, 3))])
-def test_fast_paths_give_the_same_train_step(fast_conv, model_name, shape):
-    """A whole model's loss and gradients with the patched Flax conv/pooling equal the plain ones."""
-    from cnn_jax.models import get_model
-
-    model = get_model(model_name, num_classes=4)
-    rng = np.random.default_rng(2)
-    x = jnp.asarray(rng.standard_normal((4, *shape), np.float32))
-    y = jnp.asarray(rng.integers(0, 4, 4), jnp.int32)
-    params = model.init(jax.random.key(0), x[:1])["params"]
-
-    def loss(p):
-        logits = model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(1)})
-        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), y])
-
-    ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss))(params)
-    with fast_conv.patched_flax():
-        fast_loss, fast_grads = jax.jit(jax.value_and_grad(loss))(params)
-    np.testing.assert_allclose(fast_loss, ref_loss, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(fast_grads), jax.tree.leaves(ref_grads), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

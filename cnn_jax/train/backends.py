@@ -37,7 +37,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cnn_jax import parallel
+from cnn_jax import fast_paths, parallel
 from cnn_jax.data.order import epoch_permutation
 from cnn_jax.train import steps as steps_lib
 from cnn_jax.train.state import TrainState, abstract_train_state, create_train_state
@@ -265,7 +265,10 @@ class JitBackend(_Backend):
         return NamedSharding(self.mesh, PartitionSpec(None, parallel.DATA_AXIS))
 
     def _compile(self, fn, donate=()):
-        return jax.jit(fn, donate_argnums=donate, out_shardings=self.replicated)
+        return jax.jit(
+            fn, donate_argnums=donate, out_shardings=self.replicated,
+            compiler_options=fast_paths.compiler_options(self.devices),
+        )
 
     def _compile_perm(self, data: ResidentSplit):
         n = data.labels.shape[0]
@@ -320,7 +323,8 @@ class PmapBackend(_Backend):
     device's own batch statistics (running averages are then averaged over devices), and
     dropout / augmentation draw per-device random numbers (`fold_in(key, device_index)`).
     Without BatchNorm, dropout and random augmentation, both give the same updates up to
-    float32 rounding.
+    float32 rounding. `jax.pmap` takes no compiler options, so on CPU this back end runs without
+    `fast_paths.compiler_options` (single-threaded YNNPACK convolutions); `jit` is the CPU default.
     """
 
     name = "pmap"

@@ -1,0 +1,313 @@
+"""CPU fast paths: how this project's convolutions, pooling and programs run faster on XLA:CPU.
+
+Three changes, each measured on the CPU train step (2-core AMD EPYC, jaxlib 0.10.2; the figures and
+commands are in benchmarks/RESULTS.md), each giving the plain path's results within float32
+rounding (tests/test_fast_paths.py):
+
+1. `compiler_options(devices)`: XLA:CPU hands every convolution to YNNPACK by default, which runs it
+   on one thread; Eigen's convolution uses all cores. Turning the YNNPACK fusions off makes the
+   convolutions of a train step ~1.7x faster on 2 cores. The engine and `cnn_jax.bench` pass these
+   options to `jax.jit` for programs that run on CPU devices.
+2. `conv_general_dilated`: a convolution with few channels (LeNet-5's 1 -> 6 and 6 -> 16) runs its
+   forward pass as one matmul on "planar" im2col patches and its input gradient as one matmul plus
+   col2im; Eigen is slow with so few channels. Convs with more channels keep XLA's own lowering.
+3. `max_pool`: non-overlapping max pooling (2x2 stride 2) as reshape + max, whose gradient is an
+   elementwise select instead of XLA's slow select-and-scatter.
+
+All three apply on the CPU back end only; GPUs and TPUs keep XLA's paths. `use_fast_paths(False)`
+(or the environment variable CNN_JAX_FAST_PATHS=0) turns them off for programs traced while it is
+in effect, for comparisons and tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# The YNNPACK library fusions XLA:CPU uses (by default convolutions and dots), as an empty list: Eigen
+# then runs them multi-threaded. Passed per program, so other JAX code in the process is untouched.
+CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@dataclasses.dataclass(frozen=True)
+class FastPathPolicy:
+    """Which fast paths are used (all of them by default; `use_fast_paths(policy=...)` changes it).
+
+    eigen_convolutions: pass `CPU_COMPILER_OPTIONS` (Eigen instead of YNNPACK) to CPU programs.
+    planar_conv_*: a conv takes the planar im2col lowering when it has at most this many input
+        channels and output features and its patches fit in this many bytes. Measured
+        (benchmarks/RESULTS.md): LeNet-5's convs (1 -> 6, 6 -> 16 channels) are 1.4-3x faster this
+        way; the small ConvNet's first conv (3 -> 32 at 32x32) is slower than Eigen's, and patches
+        beyond ~16 MiB (LeNet-5 conv1 at batch 512: 40 MiB) fall out of cache and lose.
+    reshape_max_pool: non-overlapping max pooling as reshape + max.
+    """
+
+    eigen_convolutions: bool = True
+    planar_conv_max_in_channels: int = 8
+    planar_conv_max_out_features: int = 16
+    planar_conv_max_patch_bytes: int = 16 * 2**20
+    reshape_max_pool: bool = True
+
+    def planar_conv(self, in_channels: int, out_features: int, patch_bytes: int) -> bool:
+        return (
+            in_channels <= self.planar_conv_max_in_channels
+            and out_features <= self.planar_conv_max_out_features
+            and patch_bytes <= self.planar_conv_max_patch_bytes
+        )
+
+
+DEFAULT_POLICY = FastPathPolicy()
+_policy = DEFAULT_POLICY
+_enabled = os.environ.get("CNN_JAX_FAST_PATHS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def fast_paths_enabled() -> bool:
+    """Whether programs traced now use the CPU fast paths (default True)."""
+    return _enabled
+
+
+def current_policy() -> FastPathPolicy:
+    return _policy
+
+
+@contextlib.contextmanager
+def use_fast_paths(enabled: bool = True, policy: FastPathPolicy | None = None) -> Iterator[None]:
+    """Turn the CPU fast paths on or off (and optionally choose which ones) inside the block.
+
+    Acts when programs are traced (and, for `compiler_options`, when their `jax.jit` is made):
+    compiled programs keep what they were traced with, and `jax.jit` reuses a function's cached
+    trace, so compare with freshly made functions.
+    """
+    global _enabled, _policy
+    saved = _enabled, _policy
+    _enabled = bool(enabled)
+    if policy is not None:
+        _policy = policy
+    try:
+        yield
+    finally:
+        _enabled, _policy = saved
+
+
+def _on_cpu() -> bool:
+    return _enabled and jax.default_backend() == "cpu"
+
+
+def compiler_options(devices: Sequence[Any] | None = None) -> dict[str, Any] | None:
+    """The XLA options for a program that runs on `devices` (default: the default devices):
+    `CPU_COMPILER_OPTIONS` when they are all CPUs and the policy's `eigen_convolutions` is on,
+    else None."""
+    devices = jax.devices() if devices is None else devices
+    if not (_enabled and _policy.eigen_convolutions) or not devices:
+        return None
+    if any(d.platform != "cpu" for d in devices):
+        return None
+    return dict(CPU_COMPILER_OPTIONS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Convolution
+# --------------------------------------------------------------------------------------------------
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+_NHWC_NUMBERS = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+def _is_nhwc(dimension_numbers) -> bool:
+    if dimension_numbers is None:
+        return False
+    if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
+        return tuple(tuple(d) for d in dimension_numbers) == _NHWC_NUMBERS
+    return tuple(dimension_numbers) == _NHWC
+
+
+def _all_ones(values) -> bool:
+    return values is None or all(int(v) == 1 for v in values)
+
+
+def _out_size(n: int, k: int, s: int, lo: int, hi: int) -> int:
+    return (n + lo + hi - k) // s + 1
+
+
+def conv_general_dilated(
+    lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+    dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+    preferred_element_type=None,
+):
+    """`jax.lax.conv_general_dilated` (same signature and results), with the planar im2col lowering
+    for few-channel NHWC/HWIO convolutions on CPU (`FastPathPolicy.planar_conv`). Everything else -- other
+    layouts, dilation, groups, accelerators, more channels -- is `lax.conv_general_dilated` as is.
+
+    lhs: [N, H, W, C] and rhs: [kh, kw, C, O] with dimension_numbers ("NHWC", "HWIO", "NHWC").
+    """
+    plain = functools.partial(
+        lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        precision=precision, preferred_element_type=preferred_element_type,
+    )
+    if (
+        not _on_cpu() or lhs.ndim != 4 or not _is_nhwc(dimension_numbers)
+        or feature_group_count != 1 or batch_group_count != 1 or not _all_ones(lhs_dilation)
+        or not _all_ones(rhs_dilation) or preferred_element_type is not None
+        or lhs.dtype != rhs.dtype
+    ):
+        return plain()
+    strides = tuple(int(s) for s in window_strides)
+    kh, kw, c, o = rhs.shape
+    if isinstance(padding, str):
+        pads = tuple(tuple(p) for p in lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), strides, padding))
+    else:
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    ho = _out_size(lhs.shape[1], kh, strides[0], *pads[0])
+    wo = _out_size(lhs.shape[2], kw, strides[1], *pads[1])
+    patch_bytes = kh * kw * c * lhs.shape[0] * ho * wo * jnp.dtype(lhs.dtype).itemsize
+    if ho < 1 or wo < 1 or not _policy.planar_conv(c, o, patch_bytes):
+        return plain()
+    return _planar_conv(lhs, rhs, strides, pads, precision)
+
+
+def _xla_conv(x, k, strides, pads, precision):
+    return lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=_NHWC, precision=precision)
+
+
+def _planar_patches(x, kh, kw, strides, pads, out_hw):
+    """im2col with taps and channels major: [kh*kw*C, N*Ho*Wo], row (i*kw + j)*C + c holding tap
+    (i, j) of channel c. Built from the planar input [C, N, H, W], so every view is a slice of whole
+    rows, and in two stacks (kh row views, then kw column views of those): XLA:CPU copies each
+    stacked view separately, so this is ~2x faster than one stack of kh*kw views."""
+    (sh, sw), (ho, wo) = strides, out_hw
+    xc = jnp.moveaxis(jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0))), -1, 0)  # [C, N, Hp, Wp]
+    c, n, _, wp = xc.shape
+    rows = jnp.stack(
+        [lax.slice(xc, (0, 0, i, 0), (c, n, i + (ho - 1) * sh + 1, wp), (1, 1, sh, 1))
+         for i in range(kh)],
+        0,
+    )  # [kh, C, N, Ho, Wp]
+    cols = jnp.stack(
+        [lax.slice(rows, (0, 0, 0, 0, j), (kh, c, n, ho, j + (wo - 1) * sw + 1), (1, 1, 1, 1, sw))
+         for j in range(kw)],
+        1,
+    )  # [kh, kw, C, N, Ho, Wo]
+    return cols.reshape(kh * kw * c, n * ho * wo)
+
+
+def _planar_forward(x, k, strides, pads, precision):
+    """y^T [O, N*Ho*Wo] = K^T @ patches (one matmul), then back to NHWC. The transposed product is
+    measured faster than contracting the patches' first axis into an [N*Ho*Wo, O] result."""
+    kh, kw, c, o = k.shape
+    ho = _out_size(x.shape[1], kh, strides[0], *pads[0])
+    wo = _out_size(x.shape[2], kw, strides[1], *pads[1])
+    p = _planar_patches(x, kh, kw, strides, pads, (ho, wo))
+    y = lax.dot_general(k.reshape(kh * kw * c, o), p, (((0,), (0,)), ((), ())), precision=precision)
+    return jnp.transpose(y.reshape(o, x.shape[0], ho, wo), (1, 2, 3, 0))
+
+
+def _planar_input_grad(g, k, x_shape, strides, pads, precision):
+    """dx: dpatches^T [kh*kw*C, N*Ho*Wo] = K @ dy^T (one matmul), col2im in the planar layout
+    [C, N, Hp, Wp] (each tap padded into place; the pads fuse with the adds), back to NHWC."""
+    kh, kw, c, o = k.shape
+    n, h, w, _ = x_shape
+    ho, wo = g.shape[1], g.shape[2]
+    gt = jnp.transpose(g, (3, 0, 1, 2)).reshape(o, n * ho * wo)
+    dpt = lax.dot_general(k.reshape(kh * kw * c, o), gt, (((1,), (0,)), ((), ())), precision=precision)
+    dpt = dpt.reshape(kh * kw, c, n, ho, wo)
+    hp, wp = h + sum(pads[0]), w + sum(pads[1])
+    sh, sw = strides
+    zero = jnp.zeros((), dpt.dtype)
+    dxp = None
+    for t in range(kh * kw):
+        i, j = divmod(t, kw)
+        placed = lax.pad(
+            dpt[t], zero,
+            ((0, 0, 0), (0, 0, 0), (i, hp - i - (ho - 1) * sh - 1, sh - 1),
+             (j, wp - j - (wo - 1) * sw - 1, sw - 1)),
+        )
+        dxp = placed if dxp is None else dxp + placed
+    (plo, _), (qlo, _) = pads
+    return jnp.transpose(lax.slice(dxp, (0, 0, plo, qlo), (c, n, plo + h, qlo + w)), (1, 2, 3, 0))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _planar_conv(x, k, strides, pads, precision):
+    return _planar_forward(x, k, strides, pads, precision)
+
+
+def _planar_conv_fwd(x, k, strides, pads, precision):
+    return _planar_forward(x, k, strides, pads, precision), (x, k)
+
+
+def _planar_conv_bwd(strides, pads, precision, residuals, g):
+    x, k = residuals
+    # Kernel gradient: XLA's own (Eigen's backward-filter conv was as fast as a planar matmul on
+    # patches, and needs no patches kept from the forward pass).
+    _, vjp_k = jax.vjp(lambda kk: _xla_conv(x, kk, strides, pads, precision), k)
+    (dk,) = vjp_k(g)
+    dx = _planar_input_grad(g, k, x.shape, strides, pads, precision)
+    return dx.astype(x.dtype), dk.astype(k.dtype)
+
+
+_planar_conv.defvjp(_planar_conv_fwd, _planar_conv_bwd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pooling
+# --------------------------------------------------------------------------------------------------
+
+
+def _tiling_windows(x, window_shape, strides, padding) -> tuple[int, int] | None:
+    """The window (wh, ww) when windows tile x [N, H, W, C] without overlap or padding, else None."""
+    window = tuple(int(w) for w in window_shape)
+    strides = tuple(int(s) for s in strides) if strides is not None else window
+    if x.ndim != 4 or len(window) != 2 or strides != window:
+        return None
+    if isinstance(padding, str):
+        if padding.upper() != "VALID":
+            return None
+    elif any(tuple(p) != (0, 0) for p in padding):
+        return None
+    if x.shape[1] < window[0] or x.shape[2] < window[1]:
+        return None
+    return window
+
+
+def max_pool(x, window_shape, strides=None, padding="VALID"):
+    """`flax.linen.max_pool`, as reshape + max on CPU when the windows tile the input (a ragged
+    border is dropped, as VALID pooling drops it).
+
+    Gradient ties: with several equal maxima in a window this path splits the gradient equally among
+    them (JAX's rule for `max`), where XLA's select-and-scatter gives it all to one of them.
+    """
+    import flax.linen as nn
+
+    window = None
+    if _on_cpu() and _policy.reshape_max_pool:
+        window = _tiling_windows(x, window_shape, strides, padding)
+    if window is None:
+        return nn.max_pool(x, tuple(window_shape), strides, padding)
+    n, h, w, c = x.shape
+    wh, ww = window
+    ho, wo = h // wh, w // ww
+    x = x[:, : ho * wh, : wo * ww, :]
+    return jnp.max(x.reshape(n, ho, wh, wo, ww, c), axis=(2, 4))
+
+
+__all__ = [
+    "CPU_COMPILER_OPTIONS",
+    "DEFAULT_POLICY",
+    "FastPathPolicy",
+    "compiler_options",
+    "conv_general_dilated",
+    "current_policy",
+    "fast_paths_enabled",
+    "max_pool",
+    "use_fast_paths",
+]
