@@ -11,6 +11,7 @@ shared machine hits them alike, and each variant reports the median and best win
                  in=N, out=M    planar im2col for convs with <= N input channels and <= M outputs
                  patch=BYTES    ... whose patches fit in BYTES
                  pool=0         XLA's reduce-window max pooling
+                 tanh=0         jnp.tanh instead of the rational polynomial
   +scanK       K steps per call: `lax.scan` over K device-resident batches (no Python per step)
   +xla:K=V;K=V extra XLA options for this variant's compilation only (jit compiler_options), e.g.
                "xla:xla_cpu_use_onednn=true" -- lets flags be compared inside one process
@@ -49,6 +50,7 @@ POLICY_KEYS = {
     "out": ("planar_conv_max_out_features", int),
     "patch": ("planar_conv_max_patch_bytes", int),
     "pool": ("reshape_max_pool", lambda v: v not in ("0", "false")),
+    "tanh": ("rational_tanh", lambda v: v not in ("0", "false")),
 }
 
 

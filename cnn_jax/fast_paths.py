@@ -12,9 +12,12 @@ rounding (tests/test_fast_paths.py):
    forward pass as one matmul on "planar" im2col patches and its input gradient as one matmul plus
    col2im; Eigen is slow with so few channels. Convs with more channels keep XLA's own lowering.
 3. `max_pool`: non-overlapping max pooling (2x2 stride 2) as reshape + max, whose gradient is an
-   elementwise select instead of XLA's slow select-and-scatter.
+   elementwise select instead of XLA's slow select-and-scatter. (The same for average pooling was
+   measured ~40% slower for LeNet-5's train step, so average pooling keeps XLA's reduce-window.)
+4. `tanh`: float32 tanh as the clamped rational polynomial Eigen uses, which XLA:CPU vectorises
+   (~2.5x faster than its own `tanh`, same maximum error), with the derivative 1 - tanh^2.
 
-All three apply on the CPU back end only; GPUs and TPUs keep XLA's paths. `use_fast_paths(False)`
+All four apply on the CPU back end only; GPUs and TPUs keep XLA's paths. `use_fast_paths(False)`
 (or the environment variable CNN_JAX_FAST_PATHS=0) turns them off for programs traced while it is
 in effect, for comparisons and tests.
 """
@@ -48,6 +51,7 @@ class FastPathPolicy:
         way; the small ConvNet's first conv (3 -> 32 at 32x32) is slower than Eigen's, and patches
         beyond ~16 MiB (LeNet-5 conv1 at batch 512: 40 MiB) fall out of cache and lose.
     reshape_max_pool: non-overlapping max pooling as reshape + max.
+    rational_tanh: float32 tanh as a clamped rational polynomial (`tanh`).
     """
 
     eigen_convolutions: bool = True
@@ -55,6 +59,7 @@ class FastPathPolicy:
     planar_conv_max_out_features: int = 16
     planar_conv_max_patch_bytes: int = 16 * 2**20
     reshape_max_pool: bool = True
+    rational_tanh: bool = True
 
     def planar_conv(self, in_channels: int, out_features: int, patch_bytes: int) -> bool:
         return (
@@ -288,16 +293,50 @@ def max_pool(x, window_shape, strides=None, padding="VALID"):
     """
     import flax.linen as nn
 
-    window = None
     if _on_cpu() and _policy.reshape_max_pool:
         window = _tiling_windows(x, window_shape, strides, padding)
-    if window is None:
-        return nn.max_pool(x, tuple(window_shape), strides, padding)
-    n, h, w, c = x.shape
-    wh, ww = window
-    ho, wo = h // wh, w // ww
-    x = x[:, : ho * wh, : wo * ww, :]
-    return jnp.max(x.reshape(n, ho, wh, wo, ww, c), axis=(2, 4))
+        if window is not None:
+            n, h, w, c = x.shape
+            (wh, ww), ho, wo = window, h // window[0], w // window[1]
+            x = x[:, : ho * wh, : wo * ww, :]
+            return jnp.max(x.reshape(n, ho, wh, wo, ww, c), axis=(2, 4))
+    return nn.max_pool(x, tuple(window_shape), strides, padding)
+
+
+# --------------------------------------------------------------------------------------------------
+# tanh
+# --------------------------------------------------------------------------------------------------
+
+# Eigen's float tanh (generic_fast_tanh_float): odd 13th / even 6th degree rational polynomial on
+# x clamped to +-7.9053111 (where float32 tanh is 1). Max error vs float64 tanh: 2.4e-7, as jnp.tanh.
+_TANH_CLAMP = 7.90531110763549805
+_TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11,
+           5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)
+_TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
+
+
+@jax.custom_jvp
+def _rational_tanh(x):
+    x = jnp.clip(x, -_TANH_CLAMP, _TANH_CLAMP)
+    x2 = x * x
+    p = functools.reduce(lambda acc, c: acc * x2 + c, _TANH_P[1:], jnp.asarray(_TANH_P[0], x.dtype))
+    q = functools.reduce(lambda acc, c: acc * x2 + c, _TANH_Q[1:], jnp.asarray(_TANH_Q[0], x.dtype))
+    return x * p / q
+
+
+@_rational_tanh.defjvp
+def _rational_tanh_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    y = _rational_tanh(x)
+    return y, t * (1 - y * y)
+
+
+def tanh(x):
+    """`jnp.tanh`; for float32 on CPU the rational polynomial above (XLA:CPU's own tanh is not
+    vectorised as well: ~1.3 ms vs ~0.5 ms for LeNet-5's first activation at batch 128)."""
+    if _on_cpu() and _policy.rational_tanh and jnp.result_type(x) == jnp.float32:
+        return _rational_tanh(x)
+    return jnp.tanh(x)
 
 
 __all__ = [
@@ -309,5 +348,6 @@ __all__ = [
     "current_policy",
     "fast_paths_enabled",
     "max_pool",
+    "tanh",
     "use_fast_paths",
 ]

@@ -93,20 +93,22 @@ def test_conv_in_bfloat16_stays_close_to_float32():
 def test_max_pool_matches_flax_values_and_gradients():
     from flax.linen import pooling
 
+    ref_pool, fast_pool = pooling.max_pool, fast_paths.max_pool
     rng = np.random.default_rng(1)
     for shape, window in [((2, 8, 8, 3), (2, 2)), ((2, 7, 9, 2), (2, 2)), ((1, 9, 9, 4), (3, 3))]:
         x = jnp.asarray(rng.standard_normal(shape, np.float32))  # continuous values: no ties
-        y, vjp = jax.vjp(lambda x, w=window: pooling.max_pool(x, w, w, "VALID"), x)
-        y2, vjp2 = jax.vjp(lambda x, w=window: fast_paths.max_pool(x, w, w, "VALID"), x)
+        y, vjp = jax.vjp(lambda x, w=window: ref_pool(x, w, w, "VALID"), x)
+        y2, vjp2 = jax.vjp(lambda x, w=window: fast_pool(x, w, w, "VALID"), x)
+        assert "reduce_window" not in str(jax.make_jaxpr(lambda x, w=window: fast_pool(x, w, w))(x))
         g = jnp.asarray(rng.standard_normal(y.shape, np.float32))
-        np.testing.assert_array_equal(y2, y)
+        np.testing.assert_allclose(y2, y, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(vjp2(g)[0], vjp(g)[0], rtol=1e-6, atol=1e-6)
     # Overlapping windows and padding take Flax's own pooling.
     x = jnp.asarray(rng.standard_normal((1, 8, 8, 2), np.float32))
-    np.testing.assert_array_equal(fast_paths.max_pool(x, (3, 3), (2, 2), "SAME"),
-                                  pooling.max_pool(x, (3, 3), (2, 2), "SAME"))
-    np.testing.assert_array_equal(fast_paths.max_pool(x, (2, 2), (2, 2), ((1, 1), (0, 0))),
-                                  pooling.max_pool(x, (2, 2), (2, 2), ((1, 1), (0, 0))))
+    np.testing.assert_array_equal(fast_pool(x, (3, 3), (2, 2), "SAME"),
+                                  ref_pool(x, (3, 3), (2, 2), "SAME"))
+    np.testing.assert_array_equal(fast_pool(x, (2, 2), (2, 2), ((1, 1), (0, 0))),
+                                  ref_pool(x, (2, 2), (2, 2), ((1, 1), (0, 0))))
 
 
 def test_max_pool_ties_split_the_gradient():
@@ -178,3 +180,20 @@ def test_layers_route_through_the_fast_paths():
         assert not _uses_planar(lambda p: conv.apply(p, x), params)
     assert isinstance(nn.Conv, type)  # flax.linen.Conv itself is untouched
     assert nn.Conv.conv_general_dilated is None
+
+
+def test_tanh_matches_jnp_tanh_values_and_gradients():
+    x = np.concatenate([
+        np.linspace(-10, 10, 20001, dtype=np.float32),
+        np.float32([0.0, -0.0, 1e-30, -1e-8, 1e-4, 7.9, 8.0, 50.0, -50.0, np.inf, -np.inf, 3e38]),
+    ])
+    y = fast_paths.tanh(jnp.asarray(x))
+    np.testing.assert_allclose(y, np.tanh(x.astype(np.float64)), rtol=1e-6, atol=4e-7)
+    assert bool(jnp.isnan(fast_paths.tanh(jnp.float32(np.nan))))
+    grad = jax.vmap(jax.grad(fast_paths.tanh))(jnp.asarray(x))
+    np.testing.assert_allclose(grad, 1 - np.tanh(x.astype(np.float64)) ** 2, atol=1e-6)
+    rational = lambda x: "custom_jvp_call" in str(jax.make_jaxpr(lambda x: fast_paths.tanh(x))(x))
+    assert rational(x)
+    with use_fast_paths(False):
+        assert not rational(x)
+    assert not rational(x.astype(jnp.bfloat16))  # other dtypes keep jnp.tanh
