@@ -33,8 +33,9 @@ def _uses_planar(fn, *args) -> bool:
     return "custom_vjp_call" in str(jax.make_jaxpr(lambda *a: fn(*a))(*args))
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole-batch", "batch-chunks"])
 @pytest.mark.parametrize("case", CONV_CASES)
-def test_conv_matches_lax_values_and_gradients(case):
+def test_conv_matches_lax_values_and_gradients(case, chunked):
     h, c, o, k, s, pad = case
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((3, h, h, c), np.float32))
@@ -44,13 +45,17 @@ def test_conv_matches_lax_values_and_gradients(case):
     y, vjp = jax.vjp(plain, x, w)
     g = jnp.asarray(rng.standard_normal(y.shape, np.float32))
     dx, dw = vjp(g)
-    y2, vjp2 = jax.vjp(fast, x, w)
-    dx2, dw2 = vjp2(g)
+    # Chunked: patches limited to one image's worth, so the batch of 3 runs as 3 planar convs.
+    limit = k * k * c * y.shape[1] * y.shape[2] * 4 if chunked else None
+    policy = FastPathPolicy(planar_conv_max_patch_bytes=limit) if chunked else None
+    with use_fast_paths(True, policy):
+        y2, vjp2 = jax.vjp(fast, x, w)
+        dx2, dw2 = vjp2(g)
+        expect_planar = c <= 8 and o <= 16
+        assert _uses_planar(fast, x, w) == expect_planar
     np.testing.assert_allclose(y2, y, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(dx2, dx, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(dw2, dw, rtol=1e-5, atol=1e-3)
-    expect_planar = c <= 8 and o <= 16
-    assert _uses_planar(fast, x, w) == expect_planar
 
 
 def test_conv_policy_and_switch_choose_the_lowering():
@@ -62,8 +67,11 @@ def test_conv_policy_and_switch_choose_the_lowering():
         assert not fast_paths.fast_paths_enabled()
         assert not _uses_planar(fast, x, w)
     assert fast_paths.fast_paths_enabled()
-    # Patches of 2*12*12*25 floats = 28.8 KB: over a 16 KB limit, XLA's conv.
+    # Patches of 2*12*12*25 floats = 28.8 KB: over a 16 KB limit, one planar conv per image; under
+    # the size of one image's patches, XLA's conv.
     with use_fast_paths(True, FastPathPolicy(planar_conv_max_patch_bytes=16_000)):
+        assert str(jax.make_jaxpr(lambda *a: fast(*a))(x, w)).count("custom_vjp_call") == 2
+    with use_fast_paths(True, FastPathPolicy(planar_conv_max_patch_bytes=1_000)):
         assert not _uses_planar(fast, x, w)
     # Other layouts, dilation and groups always take lax.conv_general_dilated.
     nchw = lambda x, w: fast_paths.conv_general_dilated(
