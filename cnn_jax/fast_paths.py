@@ -10,7 +10,9 @@ rounding (tests/test_fast_paths.py):
    options to `jax.jit` for programs that run on CPU devices.
 2. `conv_general_dilated`: a convolution with few channels (LeNet-5's 1 -> 6 and 6 -> 16) runs its
    forward pass as one matmul on "planar" im2col patches and its input gradient as one matmul plus
-   col2im; Eigen is slow with so few channels. Convs with more channels keep XLA's own lowering.
+   col2im; Eigen is slow with so few channels. A convolution whose kernel is larger than its input
+   (VGG-16's 2x2 maps at 32x32 input) runs as an im2col matmul: XLA:CPU emits naive loops for
+   those, ~60x slower. Other convs keep XLA's own lowering.
 3. `max_pool`: non-overlapping max pooling (2x2 stride 2) as reshape + max, whose gradient is an
    elementwise select instead of XLA's slow select-and-scatter. (The same for average pooling was
    measured ~40% slower for LeNet-5's train step, so average pooling keeps XLA's reduce-window.)
@@ -52,6 +54,8 @@ class FastPathPolicy:
         ConvNet's first conv (3 -> 32 at 32x32) is slower than Eigen's; patches that outgrow the
         cache lose (LeNet-5 conv1 at batch 512 in one 40 MiB piece: 10,100 img/s, in 4 MiB chunks:
         12,200; at batch 128, 10 MiB vs 4 MiB chunks: +3%).
+    small_input_im2col: convs whose kernel is larger than their input (e.g. 3x3 on 2x2 maps) as
+        one NHWC im2col matmul (`_im2col_conv`).
     reshape_max_pool: non-overlapping max pooling as reshape + max.
     rational_tanh: float32 tanh as a clamped rational polynomial (`tanh`).
     """
@@ -60,6 +64,7 @@ class FastPathPolicy:
     planar_conv_max_in_channels: int = 8
     planar_conv_max_out_features: int = 16
     planar_conv_max_patch_bytes: int = 4 * 2**20
+    small_input_im2col: bool = True
     reshape_max_pool: bool = True
     rational_tanh: bool = True
 
@@ -176,8 +181,12 @@ def conv_general_dilated(
     ho = _out_size(lhs.shape[1], kh, strides[0], *pads[0])
     wo = _out_size(lhs.shape[2], kw, strides[1], *pads[1])
     n = lhs.shape[0]
+    if ho < 1 or wo < 1 or any(p < 0 for pair in pads for p in pair):
+        return plain()
+    if _policy.small_input_im2col and (kh > lhs.shape[1] or kw > lhs.shape[2]):
+        return _im2col_conv(lhs, rhs, strides, pads, (ho, wo), precision)
     patch_bytes = kh * kw * c * n * ho * wo * jnp.dtype(lhs.dtype).itemsize
-    if ho < 1 or wo < 1 or not _policy.planar_conv(c, o):
+    if not _policy.planar_conv(c, o):
         return plain()
     # Patches must stay cache-sized: larger batches run in batch chunks, each its own matmul.
     chunks = -(-patch_bytes // _policy.planar_conv_max_patch_bytes)
@@ -191,6 +200,26 @@ def conv_general_dilated(
 
 def _xla_conv(x, k, strides, pads, precision):
     return lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=_NHWC, precision=precision)
+
+
+def _im2col_conv(x, k, strides, pads, out_hw, precision):
+    """The conv as one matmul on NHWC im2col patches [N*Ho*Wo, kh*kw*C] @ K [kh*kw*C, O], for
+    inputs smaller than the kernel (VGG-16's last block on 32x32 images: 2x2 maps, 3x3 kernels).
+    XLA:CPU runs such convs and their input gradients as naive loops (264 ms for a 2x2x512 -> 512
+    conv at batch 32, vs ~4 ms here); the patches are tiny, and JAX differentiates the slicing and
+    the matmul into matmuls and pads."""
+    kh, kw, c, o = k.shape
+    (sh, sw), (ho, wo) = strides, out_hw
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    n = x.shape[0]
+    taps = [
+        lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    patches = jnp.stack(taps, axis=3).reshape(n * ho * wo, kh * kw * c)
+    y = lax.dot(patches, k.reshape(kh * kw * c, o), precision=precision)
+    return y.reshape(n, ho, wo, o)
 
 
 def _planar_patches(x, kh, kw, strides, pads, out_hw):

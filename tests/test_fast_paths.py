@@ -23,6 +23,9 @@ CONV_CASES = [  # (H, C_in, C_out, kernel, stride, padding)
     (8, 3, 8, 3, 1, ((1, 1), (1, 1))),
     (9, 3, 5, 3, 2, ((1, 2), (0, 1))),  # strided, asymmetric padding
     (10, 2, 4, 4, 3, ((2, 0), (1, 3))),  # stride does not divide the padded size
+    (2, 16, 12, 3, 1, "SAME"),  # input smaller than the kernel: im2col matmul
+    (1, 16, 12, 3, 1, "SAME"),
+    (3, 4, 20, 5, 2, ((2, 1), (1, 2))),
     (7, 12, 4, 3, 1, "SAME"),  # above the channel threshold: XLA's own conv
     (8, 3, 32, 3, 1, "SAME"),  # above the output-feature threshold: XLA's own conv
 ]
@@ -51,8 +54,10 @@ def test_conv_matches_lax_values_and_gradients(case, chunked):
     with use_fast_paths(True, policy):
         y2, vjp2 = jax.vjp(fast, x, w)
         dx2, dw2 = vjp2(g)
-        expect_planar = c <= 8 and o <= 16
-        assert _uses_planar(fast, x, w) == expect_planar
+        small_input = k > h
+        assert _uses_planar(fast, x, w) == (c <= 8 and o <= 16 and not small_input)
+        jaxpr = str(jax.make_jaxpr(lambda *a: fast(*a))(x, w))
+        assert ("conv_general_dilated" not in jaxpr) == (small_input or (c <= 8 and o <= 16))
     np.testing.assert_allclose(y2, y, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(dx2, dx, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(dw2, dw, rtol=1e-5, atol=1e-3)
