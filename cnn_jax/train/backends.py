@@ -12,8 +12,9 @@ Both back ends offer the same methods, so the loop does not care which one runs:
     * `compiled_loop=False`: one asynchronous dispatch per step of a compiled single step,
       with the metric sums carried on device (the host only syncs at the end of the chunk).
       On XLA:CPU this is the faster one: inside a while loop the convolution gradients
-      are not canonicalised onto the fast (XNNPACK/Eigen) kernels (measured ~3x slower for
-      LeNet-5), and dispatch costs ~0.1 ms against a ~20 ms step.
+      are not canonicalised onto the fast Eigen kernels (measured 5x slower for LeNet-5 and
+      50x for the small ConvNet, benchmarks/RESULTS.md), and dispatch costs ~0.1 ms against
+      a 6-80 ms step.
 - streaming: `train_batch(state, batch)` for host-fed uint8 batches.
 - evaluation: `evaluate_resident(state, data)` / `eval_batch(state, batch)` return masked sums.
 
