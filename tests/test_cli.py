@@ -161,6 +161,19 @@ def test_python_dash_m_subprocess():
     assert "Traceback" not in bad.stderr
 
 
+@pytest.mark.skipif(importlib.util.find_spec("cnn_jax.bench") is None, reason="no bench module")
+@pytest.mark.parametrize("flag", [[], ["--no-fast-paths"]], ids=["fast-paths", "no-fast-paths"])
+def test_bench_json(capsys, flag):
+    import json
+
+    code, out, _ = run(capsys, ["bench", "lenet5", "--batch-size", "8", "--steps", "2", "--json", *flag])
+    assert code == 0
+    result = json.loads(out)
+    assert result["model"] == "lenet5" and result["batch_size"] == 8
+    assert result["images_per_sec"] > 0 and result["compile_seconds"] >= 0 and result["device"]
+    assert result["fast_paths"] is (not flag)
+
+
 def test_read_image_errors(tmp_path, monkeypatch):
     from cnn_jax.errors import DataError
 
