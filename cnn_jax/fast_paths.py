@@ -153,11 +153,17 @@ def conv_general_dilated(
     dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
     preferred_element_type=None,
 ):
-    """`jax.lax.conv_general_dilated` (same signature and results), with the planar im2col lowering
-    for few-channel NHWC/HWIO convolutions on CPU (`FastPathPolicy.planar_conv`). Everything else -- other
-    layouts, dilation, groups, accelerators, more channels -- is `lax.conv_general_dilated` as is.
+    """`jax.lax.conv_general_dilated` (same signature and results), with matmul lowerings on CPU for
+    few-channel NHWC/HWIO convolutions (`FastPathPolicy.planar_conv`) and for inputs smaller than
+    the kernel. Everything else -- other layouts, dilation, groups, symbolic shapes, accelerators,
+    more channels -- is `lax.conv_general_dilated` as is. bfloat16/float16 convs on these paths
+    compute in float32 and round once.
 
     lhs: [N, H, W, C] and rhs: [kh, kw, C, O] with dimension_numbers ("NHWC", "HWIO", "NHWC").
+
+    Reverse-mode derivatives of any order work; the planar path is a `jax.custom_vjp` (its own,
+    measured faster, input gradient), so forward-mode AD (`jax.jvp`, `jax.jacfwd`) through it
+    raises: trace such code under `use_fast_paths(False)`.
     """
     plain = functools.partial(
         lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
@@ -167,6 +173,7 @@ def conv_general_dilated(
     )
     if (
         not _on_cpu() or lhs.ndim != 4 or not _is_nhwc(dimension_numbers)
+        or not all(isinstance(d, int) for d in (*lhs.shape, *rhs.shape))  # e.g. symbolic batch
         or feature_group_count != 1 or batch_group_count != 1 or not _all_ones(lhs_dilation)
         or not _all_ones(rhs_dilation) or preferred_element_type is not None
         or lhs.dtype != rhs.dtype
@@ -183,19 +190,25 @@ def conv_general_dilated(
     n = lhs.shape[0]
     if ho < 1 or wo < 1 or any(p < 0 for pair in pads for p in pair):
         return plain()
-    if _policy.small_input_im2col and (kh > lhs.shape[1] or kw > lhs.shape[2]):
-        return _im2col_conv(lhs, rhs, strides, pads, (ho, wo), precision)
-    patch_bytes = kh * kw * c * n * ho * wo * jnp.dtype(lhs.dtype).itemsize
-    if not _policy.planar_conv(c, o):
+    small_input = _policy.small_input_im2col and (kh > lhs.shape[1] or kw > lhs.shape[2])
+    if not small_input and not _policy.planar_conv(c, o):
         return plain()
+    dtype = lhs.dtype
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+        # bfloat16/float16: compute and sum the taps in float32, round once (as XLA's conv does).
+        lhs, rhs = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
+    if small_input:
+        return _im2col_conv(lhs, rhs, strides, pads, (ho, wo), precision).astype(dtype)
+    patch_bytes = kh * kw * c * n * ho * wo * jnp.dtype(lhs.dtype).itemsize
     # Patches must stay cache-sized: larger batches run in batch chunks, each its own matmul.
     chunks = -(-patch_bytes // _policy.planar_conv_max_patch_bytes)
     if chunks > n:
         return plain()
     if chunks == 1:
-        return _planar_conv(lhs, rhs, strides, pads, precision)
+        return _planar_conv(lhs, rhs, strides, pads, precision).astype(dtype)
     parts = jnp.array_split(lhs, chunks, axis=0)
-    return jnp.concatenate([_planar_conv(p, rhs, strides, pads, precision) for p in parts], axis=0)
+    y = jnp.concatenate([_planar_conv(p, rhs, strides, pads, precision) for p in parts], axis=0)
+    return y.astype(dtype)
 
 
 def _xla_conv(x, k, strides, pads, precision):
@@ -309,7 +322,7 @@ _planar_conv.defvjp(_planar_conv_fwd, _planar_conv_bwd)
 def _tiling_windows(x, window_shape, strides, padding) -> tuple[int, int] | None:
     """The window (wh, ww) when windows tile x [N, H, W, C] without overlap or padding, else None."""
     window = tuple(int(w) for w in window_shape)
-    strides = tuple(int(s) for s in strides) if strides is not None else window
+    strides = tuple(int(s) for s in strides) if strides is not None else (1,) * len(window)
     if x.ndim != 4 or len(window) != 2 or strides != window:
         return None
     if isinstance(padding, str):
@@ -348,6 +361,8 @@ def max_pool(x, window_shape, strides=None, padding="VALID"):
 # Eigen's float tanh (generic_fast_tanh_float): odd 13th / even 6th degree rational polynomial on
 # x clamped to +-7.9053111 (where float32 tanh is 1). Max error vs float64 tanh: 2.4e-7, as jnp.tanh.
 _TANH_CLAMP = 7.90531110763549805
+_TANH_TINY = 0.0004
+_TANH_ONE = 9.010913
 _TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11,
            5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)
 _TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
@@ -355,11 +370,16 @@ _TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.8
 
 @jax.custom_jvp
 def _rational_tanh(x):
-    x = jnp.clip(x, -_TANH_CLAMP, _TANH_CLAMP)
-    x2 = x * x
+    clamped = jnp.clip(x, -_TANH_CLAMP, _TANH_CLAMP)
+    x2 = clamped * clamped
     p = functools.reduce(lambda acc, c: acc * x2 + c, _TANH_P[1:], jnp.asarray(_TANH_P[0], x.dtype))
     q = functools.reduce(lambda acc, c: acc * x2 + c, _TANH_Q[1:], jnp.asarray(_TANH_Q[0], x.dtype))
-    return x * p / q
+    y = clamped * p / q
+    # As Eigen: tanh(x) = x for tiny |x| (x * p would underflow to 0 below ~1e-36), and exactly
+    # +-1 from |x| = 9.01, where float32 tanh rounds to 1 (the clamped polynomial gives 1 - 2.4e-7
+    # under jit).
+    y = jnp.where(jnp.abs(x) < _TANH_TINY, x, y)
+    return jnp.where(jnp.abs(x) >= _TANH_ONE, jnp.sign(x), y)
 
 
 @_rational_tanh.defjvp

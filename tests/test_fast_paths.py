@@ -92,15 +92,61 @@ def test_conv_policy_and_switch_choose_the_lowering():
     )
 
 
-def test_conv_in_bfloat16_stays_close_to_float32():
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("case", [(14, 6, 16, 5, "VALID"), (2, 16, 12, 3, "SAME")],
+                         ids=["planar", "small-input"])
+def test_low_precision_convs_round_like_xla(dtype, case):
+    """Values and both gradients in bfloat16/float16 are as accurate as XLA's own conv."""
+    h, c, o, k, pad = case
     rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.standard_normal((2, 10, 10, 1), np.float32))
-    w = jnp.asarray(rng.standard_normal((5, 5, 1, 6), np.float32))
-    fast = lambda x, w: fast_paths.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
-    y16 = fast(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
-    assert y16.dtype == jnp.bfloat16
-    ref = lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
-    np.testing.assert_allclose(np.asarray(y16, np.float32), ref, rtol=0.05, atol=0.3)
+    x = jnp.asarray(rng.standard_normal((4, h, h, c), np.float32))
+    w = jnp.asarray(rng.standard_normal((k, k, c, o), np.float32) / k)
+    plain = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=DN)
+    fast = lambda x, w: fast_paths.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=DN)
+    y, vjp = jax.vjp(plain, x, w)
+    g = jnp.asarray(rng.standard_normal(y.shape, np.float32))
+    ref = (y, *vjp(g))  # float32 reference
+    lo = lambda a: a.astype(dtype)
+    for fn in (plain, fast):
+        y16, vjp16 = jax.vjp(fn, lo(x), lo(w))
+        got = (y16, *vjp16(lo(g)))
+        assert all(a.dtype == dtype for a in got)
+        # RMS error relative to the reference's RMS, for y, dx and dw
+        errors = [float(jnp.sqrt(jnp.mean((a.astype(jnp.float32) - r) ** 2) / jnp.mean(r**2)))
+                  for a, r in zip(got, ref)]
+        if fn is plain:
+            xla_errors = errors
+    for fast_err, xla_err in zip(errors, xla_errors):
+        assert fast_err <= 1.5 * xla_err, (errors, xla_errors)
+
+
+def test_forward_mode_needs_the_plain_path():
+    x = jnp.ones((2, 8, 8, 1))
+    w = jnp.ones((3, 3, 1, 4))
+    f = lambda x: fast_paths.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN).sum()
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(f, (x,), (x,))
+    with use_fast_paths(False):
+        _, tangent = jax.jvp(f, (x,), (x,))
+    assert float(tangent) == float(f(x))  # linear in x
+    # Reverse mode of any order works on the fast path.
+    hvp = jax.grad(lambda w: jax.grad(lambda x: (fast_paths.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=DN) ** 2).sum())(x).sum())(w)
+    with use_fast_paths(False):
+        ref = jax.grad(lambda w: jax.grad(lambda x: (fast_paths.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=DN) ** 2).sum())(x).sum())(w)
+    np.testing.assert_allclose(hvp, ref, rtol=1e-5)
+
+
+def test_symbolic_batch_takes_the_plain_conv():
+    from jax import export
+
+    w = jnp.ones((5, 5, 1, 6))
+    f = jax.jit(lambda x: fast_paths.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN))
+    (b,) = export.symbolic_shape("b")
+    exported = export.export(f)(jax.ShapeDtypeStruct((b, 12, 12, 1), jnp.float32))
+    x = jnp.ones((3, 12, 12, 1))
+    np.testing.assert_allclose(exported.call(x), f(x), rtol=1e-5)
 
 
 def test_max_pool_matches_flax_values_and_gradients():
@@ -116,8 +162,10 @@ def test_max_pool_matches_flax_values_and_gradients():
         g = jnp.asarray(rng.standard_normal(y.shape, np.float32))
         np.testing.assert_allclose(y2, y, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(vjp2(g)[0], vjp(g)[0], rtol=1e-6, atol=1e-6)
-    # Overlapping windows and padding take Flax's own pooling.
+    # Overlapping windows and padding take Flax's own pooling; strides=None means 1, as in Flax.
     x = jnp.asarray(rng.standard_normal((1, 8, 8, 2), np.float32))
+    assert fast_pool(x, (2, 2)).shape == ref_pool(x, (2, 2)).shape == (1, 7, 7, 2)
+    np.testing.assert_array_equal(fast_pool(x, (2, 2)), ref_pool(x, (2, 2)))
     np.testing.assert_array_equal(fast_pool(x, (3, 3), (2, 2), "SAME"),
                                   ref_pool(x, (3, 3), (2, 2), "SAME"))
     np.testing.assert_array_equal(fast_pool(x, (2, 2), (2, 2), ((1, 1), (0, 0))),
@@ -126,10 +174,10 @@ def test_max_pool_matches_flax_values_and_gradients():
 
 def test_max_pool_ties_split_the_gradient():
     x = jnp.zeros((1, 2, 2, 1))  # four equal maxima in one window
-    grad = jax.grad(lambda x: fast_paths.max_pool(x, (2, 2)).sum())(x)
+    grad = jax.grad(lambda x: fast_paths.max_pool(x, (2, 2), (2, 2)).sum())(x)
     np.testing.assert_allclose(grad, np.full((1, 2, 2, 1), 0.25))
     with use_fast_paths(False):  # XLA's select-and-scatter gives it to one
-        grad = jax.grad(lambda x: fast_paths.max_pool(x, (2, 2)).sum())(x)
+        grad = jax.grad(lambda x: fast_paths.max_pool(x, (2, 2), (2, 2)).sum())(x)
     assert float(grad.sum()) == 1.0 and float(grad.max()) == 1.0
 
 
@@ -147,7 +195,7 @@ def test_compiler_options_only_for_cpu_devices():
 
 def test_policy_turns_single_paths_off():
     x = jnp.zeros((1, 4, 4, 1))
-    reshape = lambda x: fast_paths.max_pool(x, (2, 2))
+    reshape = lambda x: fast_paths.max_pool(x, (2, 2), (2, 2))
     assert "reduce_window" not in str(jax.make_jaxpr(lambda x: reshape(x))(x))
     with use_fast_paths(True, FastPathPolicy(reshape_max_pool=False)):
         assert "reduce_window" in str(jax.make_jaxpr(lambda x: reshape(x))(x))
@@ -200,8 +248,15 @@ def test_tanh_matches_jnp_tanh_values_and_gradients():
         np.linspace(-10, 10, 20001, dtype=np.float32),
         np.float32([0.0, -0.0, 1e-30, -1e-8, 1e-4, 7.9, 8.0, 50.0, -50.0, np.inf, -np.inf, 3e38]),
     ])
-    y = fast_paths.tanh(jnp.asarray(x))
-    np.testing.assert_allclose(y, np.tanh(x.astype(np.float64)), rtol=1e-6, atol=4e-7)
+    exact = np.tanh(x.astype(np.float64))
+    for tanh in (fast_paths.tanh, jax.jit(fast_paths.tanh)):
+        y = np.asarray(tanh(jnp.asarray(x)), np.float64)
+        assert np.all(np.abs(y - exact) <= 2.5e-7 + 1e-6 * np.abs(exact))  # jnp.tanh's own bound
+        assert np.all(np.abs(y) <= 1)
+        np.testing.assert_array_equal(y[np.abs(x) >= 9.02], np.sign(x[np.abs(x) >= 9.02]))
+        tiny = np.float32([1e-38, -1e-37, 3e-4])  # no underflow to zero; sign of -0.0 kept
+        np.testing.assert_array_equal(tanh(jnp.asarray(tiny)), tiny)
+        assert np.signbit(np.asarray(tanh(jnp.float32(-0.0))))
     assert bool(jnp.isnan(fast_paths.tanh(jnp.float32(np.nan))))
     grad = jax.vmap(jax.grad(fast_paths.tanh))(jnp.asarray(x))
     np.testing.assert_allclose(grad, 1 - np.tanh(x.astype(np.float64)) ** 2, atol=1e-6)
