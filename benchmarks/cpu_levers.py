@@ -12,7 +12,6 @@ shared machine hits them alike, and each variant reports the median and best win
                  patch=BYTES    ... whose patches fit in BYTES
                  pool=0         XLA's reduce-window max pooling
                  small=0        XLA's conv also for inputs smaller than the kernel
-                 tanh=0         jnp.tanh instead of the rational polynomial
   +scanK       K steps per call: `lax.scan` over K device-resident batches (no Python per step)
   +xla:K=V;K=V extra XLA options for this variant's compilation only (jit compiler_options), e.g.
                "xla:xla_cpu_use_onednn=true" -- lets flags be compared inside one process
@@ -52,7 +51,6 @@ POLICY_KEYS = {
     "patch": ("planar_conv_max_patch_bytes", int),
     "pool": ("reshape_max_pool", lambda v: v not in ("0", "false")),
     "small": ("small_input_im2col", lambda v: v not in ("0", "false")),
-    "tanh": ("rational_tanh", lambda v: v not in ("0", "false")),
 }
 
 

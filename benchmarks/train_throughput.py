@@ -165,7 +165,7 @@ def markdown(rows, meta) -> str:
     lines.append(
         "\n\"cnn_jax\" is the default engine step, with the CPU fast paths of `cnn_jax.fast_paths` "
         "(Eigen instead of YNNPACK convolutions, planar im2col for few-channel convs, im2col for "
-        "inputs smaller than the kernel, reshape max pooling, rational tanh)." + (" \"Without fast paths\": the same step traced and compiled under "
+        "inputs smaller than the kernel, reshape max pooling)." + (" \"Without fast paths\": the same step traced and compiled under "
                        "`use_fast_paths(False)`, timed in the same alternation." if plain else "")
     )
     return "\n".join(lines)

@@ -16,10 +16,7 @@ rounding (tests/test_fast_paths.py):
 3. `max_pool`: non-overlapping max pooling (2x2 stride 2) as reshape + max, whose gradient is an
    elementwise select instead of XLA's slow select-and-scatter. (The same for average pooling was
    measured ~40% slower for LeNet-5's train step, so average pooling keeps XLA's reduce-window.)
-4. `tanh`: float32 tanh as the clamped rational polynomial Eigen uses, which XLA:CPU vectorises
-   (~2.5x faster than its own `tanh`, same maximum error), with the derivative 1 - tanh^2.
-
-All four apply on the CPU back end only; GPUs and TPUs keep XLA's paths. `use_fast_paths(False)`
+All three apply on the CPU back end only; GPUs and TPUs keep XLA's paths. `use_fast_paths(False)`
 (or the environment variable CNN_JAX_FAST_PATHS=0) turns them off for programs traced while it is
 in effect, for comparisons and tests.
 """
@@ -57,7 +54,6 @@ class FastPathPolicy:
     small_input_im2col: convs whose kernel is larger than their input (e.g. 3x3 on 2x2 maps) as
         one NHWC im2col matmul (`_im2col_conv`).
     reshape_max_pool: non-overlapping max pooling as reshape + max.
-    rational_tanh: float32 tanh as a clamped rational polynomial (`tanh`).
     """
 
     eigen_convolutions: bool = True
@@ -66,7 +62,6 @@ class FastPathPolicy:
     planar_conv_max_patch_bytes: int = 4 * 2**20
     small_input_im2col: bool = True
     reshape_max_pool: bool = True
-    rational_tanh: bool = True
 
     def planar_conv(self, in_channels: int, out_features: int) -> bool:
         return (
@@ -354,46 +349,6 @@ def max_pool(x, window_shape, strides=None, padding="VALID"):
     return nn.max_pool(x, tuple(window_shape), strides, padding)
 
 
-# --------------------------------------------------------------------------------------------------
-# tanh
-# --------------------------------------------------------------------------------------------------
-
-# Eigen's float tanh (generic_fast_tanh_float): odd 13th / even 6th degree rational polynomial on
-# x clamped to +-7.9053111 (where float32 tanh is 1). Max error vs float64 tanh: 2.4e-7, as jnp.tanh.
-_TANH_CLAMP = 7.90531110763549805
-_TANH_ONE = 9.010913
-_TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11,
-           5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)
-_TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
-
-
-@jax.custom_jvp
-def _rational_tanh(x):
-    clamped = jnp.clip(x, -_TANH_CLAMP, _TANH_CLAMP)
-    x2 = clamped * clamped
-    p = functools.reduce(lambda acc, c: acc * x2 + c, _TANH_P[1:], jnp.asarray(_TANH_P[0], x.dtype))
-    q = functools.reduce(lambda acc, c: acc * x2 + c, _TANH_Q[1:], jnp.asarray(_TANH_Q[0], x.dtype))
-    # x * (p / q), not (x * p) / q: x * p underflows to zero for |x| < ~1e-36 (p/q is ~1 there).
-    # Exactly +-1 from |x| = 9.01, where float32 tanh rounds to 1 (the clamped polynomial gives
-    # 1 - 2.4e-7 under jit).
-    return jnp.where(jnp.abs(x) >= _TANH_ONE, jnp.sign(x), clamped * (p / q))
-
-
-@_rational_tanh.defjvp
-def _rational_tanh_jvp(primals, tangents):
-    (x,), (t,) = primals, tangents
-    y = _rational_tanh(x)
-    return y, t * (1 - y * y)
-
-
-def tanh(x):
-    """`jnp.tanh`; for float32 on CPU the rational polynomial above (XLA:CPU's own tanh is not
-    vectorised as well: ~1.3 ms vs ~0.5 ms for LeNet-5's first activation at batch 128)."""
-    if _on_cpu() and _policy.rational_tanh and jnp.result_type(x) == jnp.float32:
-        return _rational_tanh(x)
-    return jnp.tanh(x)
-
-
 __all__ = [
     "CPU_COMPILER_OPTIONS",
     "DEFAULT_POLICY",
@@ -403,6 +358,5 @@ __all__ = [
     "current_policy",
     "fast_paths_enabled",
     "max_pool",
-    "tanh",
     "use_fast_paths",
 ]

@@ -36,7 +36,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
     "leaky_relu": nn.leaky_relu,  # negative_slope 0.01, as in PyTorch
     "sigmoid": nn.sigmoid,
-    "tanh": fast_paths.tanh,  # jnp.tanh, vectorised better on CPU
+    "tanh": nn.tanh,
 }
 POOLINGS = ("max", "avg")
 

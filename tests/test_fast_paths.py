@@ -241,27 +241,3 @@ def test_layers_route_through_the_fast_paths():
         assert not _uses_planar(lambda p: conv.apply(p, x), params)
     assert isinstance(nn.Conv, type)  # flax.linen.Conv itself is untouched
     assert nn.Conv.conv_general_dilated is None
-
-
-def test_tanh_matches_jnp_tanh_values_and_gradients():
-    x = np.concatenate([
-        np.linspace(-10, 10, 20001, dtype=np.float32),
-        np.float32([0.0, -0.0, 1e-30, -1e-8, 1e-4, 7.9, 8.0, 50.0, -50.0, np.inf, -np.inf, 3e38]),
-    ])
-    exact = np.tanh(x.astype(np.float64))
-    for tanh in (fast_paths.tanh, jax.jit(fast_paths.tanh)):
-        y = np.asarray(tanh(jnp.asarray(x)), np.float64)
-        assert np.all(np.abs(y - exact) <= 2.5e-7 + 1e-6 * np.abs(exact))  # jnp.tanh's own bound
-        assert np.all(np.abs(y) <= 1)
-        np.testing.assert_array_equal(y[np.abs(x) >= 9.02], np.sign(x[np.abs(x) >= 9.02]))
-        tiny = np.float32([2e-38, -1e-37, 3e-4])  # smallest normals: no underflow to zero
-        np.testing.assert_allclose(tanh(jnp.asarray(tiny)), tiny, rtol=2e-7)
-        assert np.signbit(np.asarray(tanh(jnp.float32(-0.0))))
-    assert bool(jnp.isnan(fast_paths.tanh(jnp.float32(np.nan))))
-    grad = jax.vmap(jax.grad(fast_paths.tanh))(jnp.asarray(x))
-    np.testing.assert_allclose(grad, 1 - np.tanh(x.astype(np.float64)) ** 2, atol=1e-6)
-    rational = lambda x: "custom_jvp_call" in str(jax.make_jaxpr(lambda x: fast_paths.tanh(x))(x))
-    assert rational(x)
-    with use_fast_paths(False):
-        assert not rational(x)
-    assert not rational(x.astype(jnp.bfloat16))  # other dtypes keep jnp.tanh
