@@ -188,7 +188,7 @@ class TrainBenchmark:
         self.num_classes = int(num_classes or spec["num_classes"])
         self.devices = devices
         self._rss_before = _current_rss_bytes()
-        self.fast_paths = fast_paths.fast_paths_enabled()  # as traced below
+        self.traced_with_fast_paths = fast_paths.fast_paths_enabled()  # the step is traced below
 
         config = default_config()
         config.model.name = model_name
@@ -309,7 +309,7 @@ class TrainBenchmark:
             "jax_version": jax.__version__,
             "host": platform.node(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "fast_paths": self.fast_paths,
+            "fast_paths": self.traced_with_fast_paths,
         }
 
 

@@ -194,7 +194,7 @@ class Conv(nn.Conv):
     The kernel init is torchvision's `kaiming_normal_(mode="fan_out", nonlinearity="relu")`, which
     keeps deep plain ReLU nets (VGG without BatchNorm) trainable; Flax's default LeCun init halves the
     signal variance at every ReLU. Convolutions go through `cnn_jax.fast_paths.conv_general_dilated`
-    (XLA's own conv except for few-channel convs on CPU).
+    (XLA's own conv, except on CPU for few-channel convs and inputs smaller than the kernel).
     """
 
     kernel_init: Callable = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
