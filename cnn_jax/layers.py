@@ -4,6 +4,12 @@ Images are NHWC (`x: [N, H, W, C]`), conv kernels HWIO. Every block has a comput
 `jnp.bfloat16`) and a `param_dtype` (float32 by default), and takes `train: bool` so BatchNorm and
 dropout switch between training and inference.
 
+Blocks are swappable, as in the Flax examples: `ConvBlock` and the zoo's models take a `conv` class
+(default `Conv`), a `norm` class or name (`NORMS`; None for no normalisation, bound by `make_norm`),
+an `act` callable or name (`ACTIVATIONS`) and, where they pool, a `pool` class (default `Pool`).
+Every default module computes with XLA's own ops (`lax.conv_general_dilated`, reduce-window
+pooling) and standard autodiff; `cnn_jax.fast_paths` has drop-in CPU lowerings of `Conv` and `Pool`.
+
 Spatial layers (`Conv`, `Pool`) check their output size from static shapes before they run and raise
 `ShapeError` naming their module path when the output would be empty, instead of failing later
 inside XLA with an opaque message. `Conv` and `Dense` given variables made for another input width
@@ -13,6 +19,7 @@ and both widths.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -23,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnn_jax import fast_paths
 from cnn_jax.errors import ConfigError, ShapeError
 
 ModuleDef = Any
@@ -32,26 +38,75 @@ Dtype = Any
 # int or a (low, high) pair -- the forms `flax.linen.Conv` accepts.
 PaddingLike = str | int | Sequence[int | tuple[int, int]]
 
+Activation = str | Callable[[jax.Array], jax.Array]  # a callable or a name in ACTIVATIONS
+NormLike = ModuleDef | str | None  # a norm module class (or partial), a name in NORMS, or None
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
     "leaky_relu": nn.leaky_relu,  # negative_slope 0.01, as in PyTorch
     "sigmoid": nn.sigmoid,
     "tanh": nn.tanh,
 }
-POOLINGS = ("max", "avg")
+POOLINGS = ("max", "avg", "sum")
 
 # PyTorch's BatchNorm2d defaults (its momentum 0.1 is Flax's 0.9: Flax weights the old average).
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 
+# Norm names for configs. Flax's GroupNorm defaults to 32 groups, so every normalised width must be
+# a multiple of 32 (ResNet, DenseNet-121); pass a partial with `num_groups` / `group_size` otherwise.
+NORMS: dict[str, ModuleDef] = {"batch": BatchNorm, "group": nn.GroupNorm, "layer": nn.LayerNorm}
 
-def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
-    """The activation function called `name` (one of `ACTIVATIONS`)."""
+
+def activation_fn(act: Activation) -> Callable[[jax.Array], jax.Array]:
+    """`act` itself when it is callable, else the activation called `act` (one of `ACTIVATIONS`)."""
+    if callable(act):
+        return act
     try:
-        return ACTIVATIONS[name]
+        return ACTIVATIONS[act]
     except (KeyError, TypeError):
         raise ConfigError(
-            f"activation={name!r} is not known; expected one of {sorted(ACTIVATIONS)}"
+            f"act={act!r} is not a known activation; expected a callable or one of "
+            f"{sorted(ACTIVATIONS)}"
         ) from None
+
+
+def norm_class(norm: NormLike) -> ModuleDef | None:
+    """The norm module class (or partial) `norm` names (one of `NORMS`), `norm` itself when it is
+    one, or None (no normalisation)."""
+    if norm is None or (callable(norm) and not isinstance(norm, str)):
+        return norm
+    try:
+        return NORMS[norm]
+    except (KeyError, TypeError):
+        raise ConfigError(
+            f"norm={norm!r} is not a known normalisation; expected a module class, None or one "
+            f"of {sorted(NORMS)}"
+        ) from None
+
+
+def has_field(module_def: Any, field: str) -> bool:
+    """Whether a module class, or a `functools.partial` of one, has the dataclass field `field`."""
+    while isinstance(module_def, functools.partial):
+        module_def = module_def.func
+    if not (isinstance(module_def, type) and dataclasses.is_dataclass(module_def)):
+        return False
+    return any(f.name == field for f in dataclasses.fields(module_def))
+
+
+def make_norm(
+    norm: NormLike, train: bool, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32
+) -> Callable[..., nn.Module] | None:
+    """`norm` (a class, a partial or a `NORMS` name) as a partial ready for `norm(name=...)(x)`, or
+    None for no normalisation.
+
+    Binds `use_running_average=not train` (BatchNorm's switch), `dtype` and `param_dtype`, each only
+    when the class has that field, so `nn.GroupNorm`, `nn.LayerNorm` and partials of them fit too.
+    """
+    norm = norm_class(norm)
+    if norm is None:
+        return None
+    wanted = {"use_running_average": not train, "dtype": dtype, "param_dtype": param_dtype}
+    return functools.partial(norm, **{k: v for k, v in wanted.items() if has_field(norm, k)})
 
 
 def check_choice(argument: str, value: Any, choices: Sequence[Any]) -> None:
@@ -193,12 +248,11 @@ class Conv(nn.Conv):
 
     The kernel init is torchvision's `kaiming_normal_(mode="fan_out", nonlinearity="relu")`, which
     keeps deep plain ReLU nets (VGG without BatchNorm) trainable; Flax's default LeCun init halves the
-    signal variance at every ReLU. Convolutions go through `cnn_jax.fast_paths.conv_general_dilated`
-    (XLA's own conv, except on CPU for few-channel convs and inputs smaller than the kernel).
+    signal variance at every ReLU. The convolution is Flax's, i.e. `lax.conv_general_dilated` on every
+    backend; `cnn_jax.fast_paths.Conv` is the same layer with faster CPU lowerings.
     """
 
     kernel_init: Callable = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-    conv_general_dilated: Callable | None = fast_paths.conv_general_dilated
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         """inputs: [N, H, W, C_in] -> [N, H', W', features]."""
@@ -220,11 +274,13 @@ class Conv(nn.Conv):
 
 
 class Pool(nn.Module):
-    """Max or average pooling per channel, `[N, H, W, C] -> [N, H', W', C]`.
+    """Max, average or sum pooling per channel, `[N, H, W, C] -> [N, H', W', C]`.
 
     `strides` defaults to the window. `ceil_mode=True` (max pooling only) rounds the output size up
     like PyTorch's `ceil_mode=True`, padding the high side with -inf. Average pooling counts padded
-    zeros in the mean (PyTorch's `count_include_pad=True`).
+    zeros in the mean (PyTorch's `count_include_pad=True`); sum pooling adds padded zeros.
+    Subclasses change how the windows are reduced by overriding `reduce_windows`
+    (`cnn_jax.fast_paths.Pool`).
     """
 
     kind: str = "max"
@@ -252,9 +308,21 @@ class Pool(nn.Module):
         _raise_if_empty(x, self.path, f"{self.kind} pool", windows, strides, padding)
         if not isinstance(padding, str):
             padding = padding_pairs(padding, x.shape[1:3], windows, strides)
+        return self.reduce_windows(x, windows, strides, padding)
+
+    def reduce_windows(
+        self,
+        x: jax.Array,
+        windows: tuple[int, int],
+        strides: tuple[int, int],
+        padding: str | Sequence[tuple[int, int]],
+    ) -> jax.Array:
+        """The pooling itself, on checked arguments: Flax's (XLA reduce-window) pooling."""
         if self.kind == "max":
-            return fast_paths.max_pool(x, windows, strides, padding)
-        return nn.avg_pool(x, windows, strides, padding)
+            return nn.max_pool(x, windows, strides, padding)
+        if self.kind == "avg":
+            return nn.avg_pool(x, windows, strides, padding)
+        return nn.pool(x, 0.0, jax.lax.add, windows, strides, padding)
 
 
 def _adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -296,12 +364,13 @@ class AdaptiveAvgPool(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """`num_convs` x (conv -> [BatchNorm] -> activation), then optional pooling.
+    """`num_convs` x (conv -> [norm] -> act), then optional pooling.
 
     `[N, H, W, C] -> [N, H', W', features]`. `strides` applies to the first conv only; `padding` to
-    every conv. Submodules are named conv1, norm1, conv2, ..., pool. `conv` and `norm` are injectable
-    (e.g. a partial of `Conv` with another init); `norm` is called with `use_running_average`,
-    `dtype`, `param_dtype` and `name`.
+    every conv. Submodules are named conv1, norm1, conv2, ..., pool. The blocks are swappable: `conv`
+    is called as `conv(features, kernel_size, strides=, padding=, use_bias=, dtype=, param_dtype=,
+    name=)`, `norm` (class, name or None) through `make_norm`, and `pool` (used when `pooling` names
+    a kind) as `pool(pooling, pool_window, pool_strides, pool_padding, name="pool")`.
     """
 
     features: int
@@ -309,8 +378,8 @@ class ConvBlock(nn.Module):
     kernel_size: int | Sequence[int] = 3
     strides: int | Sequence[int] = 1
     padding: PaddingLike = "SAME"
-    activation: str = "relu"
-    use_norm: bool = False
+    act: Activation = "relu"
+    norm: NormLike = None
     use_bias: bool = True
     pooling: str | None = None
     pool_window: int | Sequence[int] = 2
@@ -319,11 +388,12 @@ class ConvBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     conv: ModuleDef = Conv
-    norm: ModuleDef = BatchNorm
+    pool: ModuleDef = Pool
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        act = activation_fn(self.activation)
+        act = activation_fn(self.act)
+        norm = make_norm(self.norm, train, dtype=self.dtype, param_dtype=self.param_dtype)
         kernel = _per_dim(self.kernel_size, 2)
         for i in range(1, self.num_convs + 1):
             x = self.conv(
@@ -336,16 +406,11 @@ class ConvBlock(nn.Module):
                 param_dtype=self.param_dtype,
                 name=f"conv{i}",
             )(x)
-            if self.use_norm:
-                x = self.norm(
-                    use_running_average=not train,
-                    dtype=self.dtype,
-                    param_dtype=self.param_dtype,
-                    name=f"norm{i}",
-                )(x)
+            if norm is not None:
+                x = norm(name=f"norm{i}")(x)
             x = act(x)
         if self.pooling is not None:
-            x = Pool(
+            x = self.pool(
                 self.pooling, self.pool_window, self.pool_strides, self.pool_padding, name="pool"
             )(x)
         return x
@@ -362,7 +427,7 @@ class Dense(nn.Dense):
 
 
 class DenseHead(nn.Module):
-    """Classifier head: flatten -> hidden Dense + activation (+ dropout) -> logits.
+    """Classifier head: flatten -> hidden Dense + act (+ dropout) -> logits.
 
     `[N, ...] -> float32 [N, num_classes]`. Dropout follows each hidden activation (VGG) or, with
     `dropout_before_hidden=True`, precedes each hidden Dense (torchvision AlexNet). Submodules are
@@ -372,7 +437,7 @@ class DenseHead(nn.Module):
 
     num_classes: int
     hidden_features: Sequence[int] = ()
-    activation: str = "relu"
+    act: Activation = "relu"
     dropout_rate: float = 0.0
     dropout_before_hidden: bool = False
     dtype: Dtype = jnp.float32
@@ -381,7 +446,7 @@ class DenseHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        act = activation_fn(self.activation)
+        act = activation_fn(self.act)
 
         def dropout(y: jax.Array, index: int) -> jax.Array:
             if self.dropout_rate == 0.0:  # no 'dropout' rng needed then

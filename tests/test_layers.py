@@ -1,4 +1,5 @@
-"""Tests for cnn_jax.layers: shape arithmetic, Conv/Pool checks, adaptive pooling, ConvBlock, DenseHead."""
+"""Tests for cnn_jax.layers: shape arithmetic, Conv/Pool checks, adaptive pooling, ConvBlock, DenseHead,
+and the swappable-block helpers (activation_fn, norm_class, make_norm, has_field)."""
 
 import functools
 
@@ -7,10 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from cnn_jax.errors import ConfigError, ShapeError
 from cnn_jax.layers import (
+    NORMS,
     AdaptiveAvgPool,
+    BatchNorm,
     Conv,
     ConvBlock,
     DenseHead,
@@ -18,6 +22,9 @@ from cnn_jax.layers import (
     activation_fn,
     adaptive_avg_pool,
     ceil_mode_padding,
+    has_field,
+    make_norm,
+    norm_class,
     window_output_sizes,
 )
 from cnn_jax.models.summary import count_params, summary_rows
@@ -45,8 +52,62 @@ def test_activation_by_name(name):
 
 
 def test_unknown_activation_lists_valid_names():
-    with pytest.raises(ConfigError, match="activation='swishy'.*'relu'"):
+    with pytest.raises(ConfigError, match="act='swishy'.*'relu'"):
         activation_fn("swishy")
+    with pytest.raises(ConfigError, match="act=3"):
+        activation_fn(3)
+
+
+def test_activation_fn_passes_callables_through():
+    assert activation_fn(nn.gelu) is nn.gelu
+    swish = functools.partial(nn.swish)
+    assert activation_fn(swish) is swish
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+@pytest.mark.parametrize(
+    "name, cls", [("batch", nn.BatchNorm), ("group", nn.GroupNorm), ("layer", nn.LayerNorm)]
+)
+def test_norm_names(name, cls):
+    resolved = norm_class(name)
+    assert resolved is NORMS[name]
+    assert (resolved.func if isinstance(resolved, functools.partial) else resolved) is cls
+    assert norm_class(None) is None
+    assert norm_class(nn.GroupNorm) is nn.GroupNorm
+
+
+def test_unknown_norm_lists_valid_names():
+    with pytest.raises(ConfigError, match="norm='instance'.*'batch', 'group', 'layer'"):
+        norm_class("instance")
+    with pytest.raises(ConfigError, match="norm=3"):
+        norm_class(3)
+
+
+def test_has_field_unwraps_partials():
+    assert has_field(nn.BatchNorm, "use_running_average")
+    assert has_field(functools.partial(functools.partial(BatchNorm, epsilon=1e-3)), "momentum")
+    assert not has_field(nn.GroupNorm, "use_running_average")
+    assert has_field(nn.GroupNorm, "scale_init") and has_field(nn.LayerNorm, "scale_init")
+    assert not has_field(lambda **kw: None, "dtype")
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_make_norm_binds_only_the_fields_a_norm_has(train):
+    batch = make_norm("batch", train, dtype=jnp.bfloat16)
+    assert batch.keywords["use_running_average"] is (not train)
+    assert batch.keywords["dtype"] == jnp.bfloat16
+    assert batch.keywords["epsilon"] == 1e-5 and batch.keywords["momentum"] == 0.9  # PyTorch's
+    for norm in (nn.GroupNorm, functools.partial(nn.GroupNorm, num_groups=2), nn.LayerNorm):
+        bound = make_norm(norm, train, param_dtype=jnp.bfloat16)
+        assert "use_running_average" not in bound.keywords
+        assert bound.keywords["param_dtype"] == jnp.bfloat16
+        x = jnp.arange(2 * 2 * 2 * 32, dtype=jnp.float32).reshape(2, 2, 2, 32)  # 32 groups
+        y, variables = bound(name="norm").init_with_output(KEY, x)
+        assert y.shape == x.shape and set(variables) == {"params"}
+        assert variables["params"]["scale"].dtype == jnp.bfloat16
+    assert make_norm(None, train) is None
 
 
 @pytest.mark.parametrize(
@@ -135,6 +196,41 @@ def test_ceil_mode_max_pool_keeps_the_partial_window():
     np.testing.assert_array_equal(out[0, :, :, 0], [[10, 11], [14, 15]] - np.float32(100))
 
 
+def test_sum_pool_adds_windows_and_padded_zeros():
+    x = jnp.arange(16, dtype=jnp.float32).reshape(1, 4, 4, 1)
+    out = Pool("sum", 2).apply({}, x)
+    np.testing.assert_array_equal(out[0, :, :, 0], [[10, 18], [42, 50]])
+    np.testing.assert_allclose(out, 4 * Pool("avg", 2).apply({}, x))
+    padded = Pool("sum", 3, 2, padding=1).apply({}, x)
+    np.testing.assert_array_equal(padded[0, 0, 0, 0], 0 + 1 + 4 + 5)
+
+
+def test_pool_subclass_overrides_reduce_windows():
+    class MinPool(Pool):
+        def reduce_windows(self, x, windows, strides, padding):
+            return -nn.max_pool(-x, windows, strides, padding)
+
+    x = jnp.arange(16, dtype=jnp.float32).reshape(1, 4, 4, 1)
+    np.testing.assert_array_equal(MinPool("max", 2).apply({}, x)[0, :, :, 0], [[0, 2], [8, 10]])
+
+
+def test_conv_is_xla_conv_with_forward_mode_autodiff():
+    """The default Conv is lax.conv_general_dilated: jvp (and so jacfwd/hessian) works through it."""
+    conv = Conv(4, (3, 3), strides=2, padding=((1, 0), (0, 1)), use_bias=False)
+    x = jax.random.normal(KEY, (2, 7, 7, 1))
+    variables = conv.init(KEY, x)
+    kernel = variables["params"]["kernel"]
+    ref = lambda x: lax.conv_general_dilated(
+        x, kernel, (2, 2), ((1, 0), (0, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    dx = jax.random.normal(jax.random.key(1), x.shape)
+    y, tangent = jax.jvp(lambda x: conv.apply(variables, x), (x,), (dx,))
+    y_ref, tangent_ref = jax.jvp(ref, (x,), (dx,))
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_allclose(tangent, tangent_ref, rtol=1e-6, atol=1e-6)
+    assert Conv.conv_general_dilated is None  # Flax's default: lax.conv_general_dilated
+
+
 def test_pool_errors():
     with pytest.raises(ConfigError, match="pooling='median'"):
         Pool("median").apply({}, jnp.zeros((1, 4, 4, 1)))
@@ -173,7 +269,7 @@ def test_adaptive_avg_pool_module_and_gradient():
 
 
 def test_conv_block_shapes_names_and_counts():
-    block = ConvBlock(8, num_convs=2, kernel_size=3, use_norm=True, pooling="max")
+    block = ConvBlock(8, num_convs=2, kernel_size=3, norm="batch", pooling="max")
     variables = abstract_init(block, (2, 16, 16, 3))
     assert set(variables["params"]) == {"conv1", "norm1", "conv2", "norm2"}
     assert count_params(variables["params"]) == (27 * 8 + 8) + 16 + (72 * 8 + 8) + 16
@@ -189,7 +285,7 @@ def test_conv_block_strides_first_conv_only_and_avg_pools():
 
 
 def test_conv_block_batchnorm_updates_stats_only_in_train():
-    block = ConvBlock(4, use_norm=True)
+    block = ConvBlock(4, norm=BatchNorm)
     x = jax.random.normal(KEY, (4, 6, 6, 2)) * 3 + 1
     variables = block.init(KEY, x)
     _, updates = block.apply(variables, x, train=True, mutable=["batch_stats"])
@@ -203,14 +299,40 @@ def test_conv_block_batchnorm_updates_stats_only_in_train():
 def test_conv_block_injectable_conv_and_norm():
     conv = functools.partial(Conv, kernel_init=nn.initializers.ones)
     norm = functools.partial(nn.BatchNorm, momentum=0.5)
-    block = ConvBlock(3, kernel_size=1, use_norm=True, use_bias=False, conv=conv, norm=norm)
+    block = ConvBlock(3, kernel_size=1, use_bias=False, conv=conv, norm=norm)
     variables = block.init(KEY, jnp.ones((2, 4, 4, 2)))
     np.testing.assert_array_equal(variables["params"]["conv1"]["kernel"], np.ones((1, 1, 2, 3)))
     assert "bias" not in variables["params"]["conv1"]
+    _, updates = block.apply(variables, jnp.ones((2, 4, 4, 2)), train=True, mutable=["batch_stats"])
+    # momentum 0.5: the running mean moves halfway from 0 to the batch mean (2 per channel)
+    np.testing.assert_allclose(updates["batch_stats"]["norm1"]["mean"], np.full(3, 1.0))
+
+
+def test_conv_block_group_norm_act_and_pool_swapped():
+    class RecordingPool(Pool):
+        def reduce_windows(self, x, windows, strides, padding):
+            self.sow("intermediates", "pooled", True)
+            return super().reduce_windows(x, windows, strides, padding)
+
+    block = ConvBlock(
+        4,
+        num_convs=2,
+        norm=functools.partial(nn.GroupNorm, num_groups=2),
+        act=nn.gelu,
+        pooling="sum",
+        pool=RecordingPool,
+    )
+    x = jax.random.normal(KEY, (2, 6, 6, 3))
+    variables = block.init(KEY, x)
+    assert set(variables) == {"params"}  # GroupNorm keeps no batch statistics
+    assert set(variables["params"]["norm1"]) == {"scale", "bias"}
+    y, state = block.apply(variables, x, train=True, mutable=["intermediates"])
+    assert y.shape == (2, 3, 3, 4) and state["intermediates"]["pool"]["pooled"] == (True,)
+    assert bool(jnp.any(y < 0))  # gelu, not relu
 
 
 def test_conv_block_bfloat16_compute_float32_params():
-    block = ConvBlock(4, use_norm=True, pooling="max", dtype=jnp.bfloat16)
+    block = ConvBlock(4, norm="batch", pooling="max", dtype=jnp.bfloat16)
     x = jnp.ones((2, 8, 8, 3), jnp.bfloat16)
     variables = jax.eval_shape(block.init, KEY, x)
     assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
@@ -220,9 +342,11 @@ def test_conv_block_bfloat16_compute_float32_params():
     assert out.dtype == jnp.bfloat16
 
 
-def test_conv_block_unknown_activation():
-    with pytest.raises(ConfigError, match="activation='gelu2'"):
-        abstract_init(ConvBlock(2, activation="gelu2"), (1, 4, 4, 1))
+def test_conv_block_unknown_activation_and_norm():
+    with pytest.raises(ConfigError, match="act='gelu2'"):
+        abstract_init(ConvBlock(2, act="gelu2"), (1, 4, 4, 1))
+    with pytest.raises(ConfigError, match="norm='batchnorm'"):
+        abstract_init(ConvBlock(2, norm="batchnorm"), (1, 4, 4, 1))
 
 
 # ----------------------------------------------------------------------------- DenseHead

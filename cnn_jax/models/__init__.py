@@ -4,7 +4,18 @@ Every model is a `flax.linen.Module` called as `model.apply(variables, x, train=
 `x: float [N, H, W, C]` and returns float32 logits `[N, num_classes]`. Models with BatchNorm keep a
 `batch_stats` collection (pass `mutable=['batch_stats']` when training); models with dropout need a
 'dropout' rng when `train=True`. Options are the model's dataclass fields, e.g. `dtype`,
-`param_dtype`, `cifar_stem`, `activation`.
+`param_dtype`, `cifar_stem`, and the swappable building blocks every convolutional family takes
+(Flax-examples style, e.g. `get_model("resnet18", num_classes=10, norm=nn.GroupNorm, act=nn.gelu)`):
+
+  * `conv`: a Conv-like module class (default `layers.Conv`), used for every convolution;
+  * `norm`: a normalisation class or partial (`nn.GroupNorm`, `nn.LayerNorm`, ...), a name in
+    `layers.NORMS` ("batch", "group", "layer"), or None for none (`layers.make_norm` binds it);
+  * `act`: an activation callable or a name in `layers.ACTIVATIONS` ("relu", "tanh", ...);
+  * `pool`: a Pool-like module class (default `layers.Pool`), called as
+    `pool(kind, window, strides, padding, name=...)`.
+
+The MLP takes `act` only. Names make the options JSON-friendly (`act="relu"`, `norm="group"`);
+`cnn_jax.fast_paths.modules()` gives faster CPU `conv`/`pool` classes with the same variables.
 
 Too-small inputs raise `cnn_jax.errors.ShapeError` naming the first layer whose output would be
 empty. The check uses static shapes while the model is traced, before that layer runs: under

@@ -3,22 +3,43 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnn_jax.layers import BatchNorm, Conv, Dtype, ModuleDef, Pool, check_images
+from cnn_jax.layers import (
+    Activation,
+    BatchNorm,
+    Conv,
+    Dtype,
+    ModuleDef,
+    NormLike,
+    Pool,
+    activation_fn,
+    check_images,
+    make_norm,
+    norm_class,
+)
+
+# torchvision's BasicConv2d: BatchNorm with eps 1e-3 (the "batch" name gives PyTorch's default 1e-5).
+GoogLeNetBatchNorm = functools.partial(BatchNorm, epsilon=1e-3)
 
 
 class BasicConv(nn.Module):
-    """conv (no bias) -> BatchNorm (eps 1e-3, as torchvision's BasicConv2d) -> ReLU."""
+    """conv (no bias) -> norm (skipped when None) -> act.
+
+    `conv` is called as `conv(features, kernel, strides=, padding=, use_bias=False, name="conv")`;
+    `norm` is ready to call as `norm(name="bn")` (bound by `make_norm`).
+    """
 
     features: int
     kernel_size: int
+    conv: ModuleDef
+    norm: Callable[..., nn.Module] | None
+    act: Callable[[jax.Array], jax.Array]
     strides: int = 1
-    conv: ModuleDef = Conv
-    norm: ModuleDef = BatchNorm
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -32,14 +53,17 @@ class BasicConv(nn.Module):
             use_bias=False,
             name="conv",
         )(x)
-        return nn.relu(self.norm(name="bn")(x))
+        if self.norm is not None:
+            x = self.norm(name="bn")(x)
+        return self.act(x)
 
 
 class Inception(nn.Module):
     """Four parallel branches concatenated on channels: [N, H, W, C] -> [N, H, W, sum of widths].
 
     branch1: 1x1; branch2: 1x1 -> 3x3; branch3: 1x1 -> 3x3 (torchvision uses 3x3 where the paper has
-    5x5, and we keep it so weights and counts match); branch4: 3x3 max pool -> 1x1.
+    5x5, and we keep it so weights and counts match); branch4: 3x3 max pool -> 1x1. `basic_conv` is
+    a `BasicConv` with its conv, norm and act bound; `pool` a Pool-like class.
     """
 
     ch1x1: int
@@ -48,7 +72,8 @@ class Inception(nn.Module):
     ch5x5_reduce: int
     ch5x5: int
     pool_proj: int
-    basic_conv: ModuleDef = BasicConv
+    basic_conv: ModuleDef
+    pool: ModuleDef = Pool
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -58,7 +83,7 @@ class Inception(nn.Module):
         branch2 = conv(self.ch3x3, 3, name="branch2")(branch2)
         branch3 = conv(self.ch5x5_reduce, 1, name="branch3_reduce")(x)
         branch3 = conv(self.ch5x5, 3, name="branch3")(branch3)
-        branch4 = Pool("max", 3, 1, padding=1, ceil_mode=True, name="branch4_pool")(x)
+        branch4 = self.pool("max", 3, 1, padding=1, ceil_mode=True, name="branch4_pool")(x)
         branch4 = conv(self.pool_proj, 1, name="branch4")(branch4)
         return jnp.concatenate([branch1, branch2, branch3, branch4], axis=-1)
 
@@ -85,14 +110,24 @@ class GoogLeNet(nn.Module):
     conv1 7x7/2 -> maxpool -> conv2 1x1 -> conv3 3x3 -> maxpool -> inception 3a, 3b -> maxpool ->
     4a..4e -> maxpool -> 5a, 5b -> global avg pool -> dropout 0.2 -> FC. Max pools round up
     (`ceil_mode=True`) as torchvision's do. `cifar_stem=True` makes conv1 3x3 stride 1 and drops the
-    two stem max pools, for 28x28 / 32x32 images.
+    two stem max pools, for 28x28 / 32x32 images. Swappable blocks: `conv`, `norm` (default
+    BatchNorm with torchvision's eps 1e-3; None for none), `act` and `pool`.
     """
 
     num_classes: int = 1000
     cifar_stem: bool = False
     dropout_rate: float = 0.2
+    act: Activation = "relu"
+    conv: ModuleDef = Conv
+    norm: NormLike = GoogLeNetBatchNorm
+    pool: ModuleDef = Pool
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        activation_fn(self.act)
+        norm_class(self.norm)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -100,17 +135,12 @@ class GoogLeNet(nn.Module):
         x = x.astype(self.dtype)
         basic_conv = functools.partial(
             BasicConv,
-            conv=functools.partial(Conv, dtype=self.dtype, param_dtype=self.param_dtype),
-            norm=functools.partial(
-                BatchNorm,
-                use_running_average=not train,
-                epsilon=1e-3,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-            ),
+            conv=functools.partial(self.conv, dtype=self.dtype, param_dtype=self.param_dtype),
+            norm=make_norm(self.norm, train, dtype=self.dtype, param_dtype=self.param_dtype),
+            act=activation_fn(self.act),
         )
-        inception = functools.partial(Inception, basic_conv=basic_conv)
-        pool = functools.partial(Pool, "max", 3, 2, ceil_mode=True)
+        inception = functools.partial(Inception, basic_conv=basic_conv, pool=self.pool)
+        pool = functools.partial(self.pool, "max", 3, 2, ceil_mode=True)
 
         if self.cifar_stem:
             x = basic_conv(64, 3, name="conv1")(x)
@@ -126,7 +156,7 @@ class GoogLeNet(nn.Module):
         x = pool(name="pool3")(x)
         for name in ("4a", "4b", "4c", "4d", "4e"):
             x = inception(*INCEPTION_WIDTHS[name], name=f"inception{name}")(x)
-        x = Pool("max", 2, 2, ceil_mode=True, name="pool4")(x)
+        x = self.pool("max", 2, 2, ceil_mode=True, name="pool4")(x)
         for name in ("5a", "5b"):
             x = inception(*INCEPTION_WIDTHS[name], name=f"inception{name}")(x)
         x = x.mean(axis=(1, 2))

@@ -10,12 +10,18 @@ import jax.numpy as jnp
 
 from cnn_jax.layers import (
     POOLINGS,
+    Activation,
+    Conv,
     ConvBlock,
     DenseHead,
     Dtype,
+    ModuleDef,
+    NormLike,
+    Pool,
     activation_fn,
     check_choice,
     check_images,
+    norm_class,
 )
 
 
@@ -30,19 +36,24 @@ class LeNet5(nn.Module):
         on 28x28x1 with 10 classes).
       * "VALID": the original 32x32 input (also 61,706 parameters on 32x32x1 with 10 classes).
     Other sizes work too; only the first FC layer's width changes. The classic model uses tanh and
-    average pooling (subsampling without the trainable coefficients); "relu"/"max" give the modern
-    variant.
+    average pooling (subsampling without the trainable coefficients); `act="relu"`,
+    `pooling="max"` give the modern variant ("sum" is subsampling's sum). Swappable blocks: `conv`,
+    `norm` (None: none, the classic model; else after each conv), `act` (also the head's) and `pool`.
     """
 
     num_classes: int = 10
-    activation: str = "tanh"
+    act: Activation = "tanh"
     pooling: str = "avg"
     first_padding: str = "SAME"
+    conv: ModuleDef = Conv
+    norm: NormLike = None
+    pool: ModuleDef = Pool
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self) -> None:
-        activation_fn(self.activation)
+        activation_fn(self.act)
+        norm_class(self.norm)
         check_choice("pooling", self.pooling, POOLINGS)
         check_choice("first_padding", self.first_padding, ("SAME", "VALID"))
         super().__post_init__()
@@ -54,8 +65,11 @@ class LeNet5(nn.Module):
         block = functools.partial(
             ConvBlock,
             kernel_size=5,
-            activation=self.activation,
+            act=self.act,
+            norm=self.norm,
             pooling=self.pooling,
+            conv=self.conv,
+            pool=self.pool,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
@@ -64,7 +78,7 @@ class LeNet5(nn.Module):
         return DenseHead(
             self.num_classes,
             hidden_features=(120, 84),
-            activation=self.activation,
+            act=self.act,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="head",

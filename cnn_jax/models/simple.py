@@ -9,27 +9,44 @@ import jax
 import jax.numpy as jnp
 
 from cnn_jax.errors import ShapeError
-from cnn_jax.layers import ConvBlock, DenseHead, Dtype, activation_fn, check_images
+from cnn_jax.layers import (
+    Activation,
+    Conv,
+    ConvBlock,
+    DenseHead,
+    Dtype,
+    ModuleDef,
+    NormLike,
+    Pool,
+    activation_fn,
+    check_images,
+    norm_class,
+)
 
 
 class SimpleConvNet(nn.Module):
-    """A few (3x3 conv -> ReLU -> 2x2 max pool) blocks, then a dense head; 4 classes by default.
+    """A few (3x3 conv -> [norm] -> act -> 2x2 max pool) blocks, then a dense head; 4 classes by
+    default.
 
     x: [N, H, W, C] -> float32 logits [N, num_classes]. Each block halves H and W, so the input
-    needs H, W >= 2 ** len(features) (8 for the default three blocks).
+    needs H, W >= 2 ** len(features) (8 for the default three blocks). Swappable blocks: `conv`,
+    `norm` (None by default; e.g. "batch"), `act` (also the head's) and `pool`.
     """
 
     num_classes: int = 4
     features: Sequence[int] = (32, 64, 128)
     hidden_features: Sequence[int] = (128,)
     dropout_rate: float = 0.5
-    activation: str = "relu"
-    use_batchnorm: bool = False
+    act: Activation = "relu"
+    conv: ModuleDef = Conv
+    norm: NormLike = None
+    pool: ModuleDef = Pool
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self) -> None:
-        activation_fn(self.activation)
+        activation_fn(self.act)
+        norm_class(self.norm)
         super().__post_init__()
 
     @nn.compact
@@ -41,9 +58,11 @@ class SimpleConvNet(nn.Module):
                 width,
                 kernel_size=3,
                 padding="SAME",
-                activation=self.activation,
-                use_norm=self.use_batchnorm,
+                act=self.act,
+                norm=self.norm,
                 pooling="max",
+                conv=self.conv,
+                pool=self.pool,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"block{i}",
@@ -51,7 +70,7 @@ class SimpleConvNet(nn.Module):
         return DenseHead(
             self.num_classes,
             self.hidden_features,
-            activation=self.activation,
+            act=self.act,
             dropout_rate=self.dropout_rate,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -60,7 +79,7 @@ class SimpleConvNet(nn.Module):
 
 
 class MLP(nn.Module):
-    """Multi-layer perceptron baseline: flatten -> hidden Dense + activation -> logits.
+    """Multi-layer perceptron baseline: flatten -> hidden Dense + act -> logits.
 
     x: [N, ...] (images are flattened) -> float32 logits [N, num_classes].
     """
@@ -68,12 +87,12 @@ class MLP(nn.Module):
     num_classes: int = 10
     hidden_features: Sequence[int] = (512, 256)
     dropout_rate: float = 0.0
-    activation: str = "relu"
+    act: Activation = "relu"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self) -> None:
-        activation_fn(self.activation)
+        activation_fn(self.act)
         super().__post_init__()
 
     @nn.compact
@@ -86,7 +105,7 @@ class MLP(nn.Module):
         return DenseHead(
             self.num_classes,
             self.hidden_features,
-            activation=self.activation,
+            act=self.act,
             dropout_rate=self.dropout_rate,
             dtype=self.dtype,
             param_dtype=self.param_dtype,

@@ -9,18 +9,34 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnn_jax.layers import AdaptiveAvgPool, ConvBlock, DenseHead, Dtype, check_choice, check_images
+from cnn_jax.layers import (
+    Activation,
+    AdaptiveAvgPool,
+    BatchNorm,
+    Conv,
+    ConvBlock,
+    DenseHead,
+    Dtype,
+    ModuleDef,
+    NormLike,
+    Pool,
+    activation_fn,
+    check_choice,
+    check_images,
+    norm_class,
+)
 
 STAGE_WIDTHS = (64, 128, 256, 512, 512)
 
 
 class VGG(nn.Module):
-    """Five stages of 3x3 convs (+BatchNorm) + ReLU, each ending in a 2x2 max pool, then a head.
+    """Five stages of 3x3 convs (+ norm) + act, each ending in a 2x2 max pool, then a head.
 
     x: [N, H, W, C] -> float32 logits [N, num_classes]; H, W >= 32 (five halvings).
 
     `stage_convs` is the number of convs per stage (VGG-16: 2, 2, 3, 3, 3). Convs keep their bias
-    even with BatchNorm, as in torchvision (VGG-16-BN: 138,365,992 parameters).
+    even with BatchNorm, as in torchvision (VGG-16-BN: 138,365,992 parameters). Swappable blocks:
+    `conv`, `norm` (None for VGG-n, BatchNorm for VGG-n-BN), `act` (also the head's) and `pool`.
 
     `head`:
       * "imagenet" (default): adaptive avg pool to 7x7, then FC-6 4096 -> ReLU -> dropout -> FC-7 4096
@@ -33,15 +49,20 @@ class VGG(nn.Module):
 
     stage_convs: Sequence[int]
     num_classes: int = 1000
-    use_batchnorm: bool = False
     head: str = "imagenet"
     head_features: Sequence[int] | None = None  # None: (4096, 4096) for "imagenet", () for "cifar"
     dropout_rate: float = 0.5
+    act: Activation = "relu"
+    conv: ModuleDef = Conv
+    norm: NormLike = None
+    pool: ModuleDef = Pool
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self) -> None:
         check_choice("head", self.head, ("imagenet", "cifar"))
+        activation_fn(self.act)
+        norm_class(self.norm)
         super().__post_init__()
 
     @nn.compact
@@ -54,8 +75,11 @@ class VGG(nn.Module):
                 num_convs=num_convs,
                 kernel_size=3,
                 padding=1,
-                use_norm=self.use_batchnorm,
+                act=self.act,
+                norm=self.norm,
                 pooling="max",
+                conv=self.conv,
+                pool=self.pool,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"block{stage}",
@@ -69,6 +93,7 @@ class VGG(nn.Module):
         return DenseHead(
             self.num_classes,
             hidden,
+            act=self.act,
             dropout_rate=self.dropout_rate,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -80,7 +105,7 @@ VGG11 = functools.partial(VGG, stage_convs=(1, 1, 2, 2, 2))
 VGG13 = functools.partial(VGG, stage_convs=(2, 2, 2, 2, 2))
 VGG16 = functools.partial(VGG, stage_convs=(2, 2, 3, 3, 3))
 VGG19 = functools.partial(VGG, stage_convs=(2, 2, 4, 4, 4))
-VGG11BN = functools.partial(VGG11, use_batchnorm=True)
-VGG13BN = functools.partial(VGG13, use_batchnorm=True)
-VGG16BN = functools.partial(VGG16, use_batchnorm=True)
-VGG19BN = functools.partial(VGG19, use_batchnorm=True)
+VGG11BN = functools.partial(VGG11, norm=BatchNorm)
+VGG13BN = functools.partial(VGG13, norm=BatchNorm)
+VGG16BN = functools.partial(VGG16, norm=BatchNorm)
+VGG19BN = functools.partial(VGG19, norm=BatchNorm)

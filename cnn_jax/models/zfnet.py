@@ -9,7 +9,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnn_jax.layers import AdaptiveAvgPool, Conv, DenseHead, Dtype, Pool, check_images
+from cnn_jax.layers import (
+    Activation,
+    AdaptiveAvgPool,
+    Conv,
+    DenseHead,
+    Dtype,
+    ModuleDef,
+    NormLike,
+    Pool,
+    activation_fn,
+    check_images,
+    make_norm,
+    norm_class,
+)
 
 
 class ZFNet(nn.Module):
@@ -23,37 +36,64 @@ class ZFNet(nn.Module):
     224x224x3 with 1000 classes (our count; there is no torchvision reference).
 
     The ImageNet stem needs at least 47x47 input; `cifar_stem=True` makes conv1 a 3x3 stride-1 conv
-    (padding 1) for 28x28 / 32x32 images.
+    (padding 1) for 28x28 / 32x32 images. Swappable blocks: `conv`, `norm` (None by default; else
+    after each conv, named norm1..norm5), `act` (also the head's) and `pool`.
     """
 
     num_classes: int = 1000
     cifar_stem: bool = False
     head_features: Sequence[int] = (4096, 4096)
     dropout_rate: float = 0.5
+    act: Activation = "relu"
+    conv: ModuleDef = Conv
+    norm: NormLike = None
+    pool: ModuleDef = Pool
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        activation_fn(self.act)
+        norm_class(self.norm)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_images(x, "ZFNet")
         x = x.astype(self.dtype)
-        conv = functools.partial(Conv, dtype=self.dtype, param_dtype=self.param_dtype)
-        pool = functools.partial(Pool, "max", 3, 2, ceil_mode=True)
+        act = activation_fn(self.act)
+        norm = make_norm(self.norm, train, dtype=self.dtype, param_dtype=self.param_dtype)
+
+        def conv(x, i, features, kernel, **kwargs):
+            """conv{i} -> [norm{i}] -> act: [N, H, W, C] -> [N, H', W', features]."""
+            x = self.conv(
+                features,
+                kernel,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"conv{i}",
+                **kwargs,
+            )(x)
+            if norm is not None:
+                x = norm(name=f"norm{i}")(x)
+            return act(x)
+
+        pool = functools.partial(self.pool, "max", 3, 2, ceil_mode=True)
         if self.cifar_stem:
-            x = nn.relu(conv(96, (3, 3), padding=1, name="conv1")(x))
+            x = conv(x, 1, 96, (3, 3), padding=1)
         else:
-            x = nn.relu(conv(96, (7, 7), strides=2, padding=1, name="conv1")(x))
+            x = conv(x, 1, 96, (7, 7), strides=2, padding=1)
         x = pool(name="pool1")(x)
-        x = nn.relu(conv(256, (5, 5), strides=2, padding=0, name="conv2")(x))
+        x = conv(x, 2, 256, (5, 5), strides=2, padding=0)
         x = pool(name="pool2")(x)
-        x = nn.relu(conv(384, (3, 3), padding=1, name="conv3")(x))
-        x = nn.relu(conv(384, (3, 3), padding=1, name="conv4")(x))
-        x = nn.relu(conv(256, (3, 3), padding=1, name="conv5")(x))
+        x = conv(x, 3, 384, (3, 3), padding=1)
+        x = conv(x, 4, 384, (3, 3), padding=1)
+        x = conv(x, 5, 256, (3, 3), padding=1)
         x = pool(name="pool5")(x)
         x = AdaptiveAvgPool((6, 6), name="avgpool")(x)
         return DenseHead(
             self.num_classes,
             self.head_features,
+            act=self.act,
             dropout_rate=self.dropout_rate,
             dtype=self.dtype,
             param_dtype=self.param_dtype,

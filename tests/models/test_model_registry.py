@@ -55,14 +55,26 @@ def test_unknown_option_names_it_and_the_valid_options():
     with pytest.raises(
         ConfigError,
         match=r"'lenet5' has no option\(s\) 'depth'; valid options: "
-        r"activation, dtype, first_padding, param_dtype, pooling",
+        r"act, conv, dtype, first_padding, norm, param_dtype, pool, pooling",
     ):
         get_model("lenet5", num_classes=10, depth=3)
 
 
+SWAPPABLE = {"conv", "norm", "act", "pool"}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_NAMES))
+def test_building_blocks_are_options(name):
+    expected = (
+        {"act"} if name == "mlp" else SWAPPABLE - ({"norm"} if name.endswith("_bn") else set())
+    )
+    assert expected <= set(model_options(name))
+    assert not {"activation", "use_batchnorm"} & set(model_options(name))
+
+
 def test_architecture_defining_fields_are_not_options():
     assert "stage_sizes" not in model_options("resnet50")
-    assert "use_batchnorm" not in model_options("vgg16_bn")
+    assert "norm" not in model_options("vgg16_bn")  # VGG-16 with norm=BatchNorm
     assert "block_config" not in model_options("densenet121")
     assert "cifar_stem" in model_options("resnet50")
     with pytest.raises(ConfigError, match="no option.*'stage_convs'"):
@@ -85,11 +97,14 @@ def test_dtype_options_accept_names():
 @pytest.mark.parametrize(
     "name, options, message",
     [
-        ("lenet5", {"activation": "swish"}, "activation='swish'"),
+        ("lenet5", {"act": "swish"}, "act='swish'"),
+        ("lenet5", {"norm": "batchnorm"}, "norm='batchnorm'"),
         ("lenet5", {"pooling": "min"}, "pooling='min'"),
         ("lenet5", {"first_padding": "FULL"}, "first_padding='FULL'"),
         ("vgg16", {"head": "tiny"}, "head='tiny'"),
-        ("simple_convnet", {"activation": "elu"}, "activation='elu'"),
+        ("simple_convnet", {"act": "elu"}, "act='elu'"),
+        ("resnet18", {"norm": 1}, "norm=1"),
+        ("googlenet", {"act": None}, "act=None"),
     ],
 )
 def test_bad_option_values_fail_when_the_model_is_built(name, options, message):
