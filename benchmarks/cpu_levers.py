@@ -5,7 +5,7 @@ device-resident batches; timed windows of the variants are interleaved (A B C A 
 shared machine hits them alike, and each variant reports the median and best window.
 
   fast         one jitted train step per call with the CPU fast paths (cnn_jax.fast_paths; the default)
-  plain        the same without them (`use_fast_paths(False)`: XLA's default lowering and options)
+  plain        the same without them (the default layers: XLA's own lowering and options)
   fast/K=V/..  the fast paths with some turned off or changed (`FastPathPolicy` fields):
                  eigen=0        keep XLA's default YNNPACK convolutions (no compiler options)
                  in=N, out=M    planar im2col for convs with <= N input channels and <= M outputs
@@ -42,7 +42,7 @@ import optax
 
 from cnn_jax import fast_paths
 from cnn_jax.bench import BENCH_MODELS
-from cnn_jax.models import get_model
+from cnn_jax.models import get_model, model_options
 
 POLICY_KEYS = {
     "eigen": ("eigen_convolutions", lambda v: v not in ("0", "false")),
@@ -120,9 +120,9 @@ def make_jax_variant(model, tx, batches, *, scan_steps: int, fast: bool,
     fn = jax.jit(many if scan_steps else single, donate_argnums=0)
     carry = (params, stats, opt_state)
     t0 = time.perf_counter()
-    with fast_paths.use_fast_paths(fast, policy):
-        options = {**(fast_paths.compiler_options() or {}), **(compiler_options or {})}
-        compiled = fn.lower(carry, jnp.int32(0), batches).compile(compiler_options=options or None)
+    fast_options = fast_paths.compiler_options(jax.devices(), policy or fast_paths.DEFAULT_POLICY)
+    options = {**((fast_options or {}) if fast else {}), **(compiler_options or {})}
+    compiled = fn.lower(carry, jnp.int32(0), batches).compile(compiler_options=options or None)
     compile_s = time.perf_counter() - t0
     state = {"carry": carry, "i": 0}
 
@@ -180,7 +180,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     spec = BENCH_MODELS[args.model]
-    model = get_model(args.model, num_classes=spec["num_classes"], **spec["options"])
     tx = optax.adam(1e-3)
     rng = np.random.default_rng(0)
     b = args.batch_size
@@ -202,9 +201,14 @@ def main(argv=None) -> int:
         scan = int(scans[0][4:]) if scans else 0
         if args.steps % max(scan, 1):
             raise SystemExit(f"--steps {args.steps} must be a multiple of the scan length {scan}")
+        policy = parse_policy(policy_spec)
+        modules = fast_paths.modules(policy) if base == "fast" else {}
+        fields = model_options(args.model)
+        model = get_model(args.model, num_classes=spec["num_classes"], **spec["options"],
+                          **{k: m for k, m in modules.items() if k in fields})
         runs[v], c = make_jax_variant(
             model, tx, (images, labels), scan_steps=scan, fast=base == "fast",
-            policy=parse_policy(policy_spec), compiler_options=parse_compiler_options(xla[0][4:]) if xla else None,
+            policy=policy, compiler_options=parse_compiler_options(xla[0][4:]) if xla else None,
         )
         info[v] = {"compile_s": round(c, 2)}
     for run in runs.values():  # warm-up

@@ -82,13 +82,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="output JSON (default benchmarks/results/time_to_accuracy_<platform>.json)")
     p.add_argument("--no-markdown", action="store_true")
     p.add_argument("--no-fast-paths", action="store_true",
-                   help="trace the run without the CPU fast paths (cnn_jax.fast_paths), to compare")
+                   help="train without the CPU fast paths (model.fast_paths=off), to compare")
     args = p.parse_args(argv)
 
     import jax
 
     from cnn_jax.config import apply_overrides, load_config
-    from cnn_jax.fast_paths import use_fast_paths
     from cnn_jax.train.loop import train_and_evaluate
 
     prepare_mnist(args.data_dir, Path(args.mnist))
@@ -99,7 +98,8 @@ def main(argv=None) -> int:
     meta = {"date": report.now(), "command": report.command_line(), "machine": report.machine(),
             "versions": report.versions(), "platform": platform_name}
     fast = not args.no_fast_paths
-    with tempfile.TemporaryDirectory(prefix="cnn_jax_tta_") as workdir, use_fast_paths(fast):
+    config.model.fast_paths = "auto" if fast else "off"
+    with tempfile.TemporaryDirectory(prefix="cnn_jax_tta_") as workdir:
         t0 = time.perf_counter()
         rep = TimingReporter(t0)
         results = train_and_evaluate(config, workdir, reporter=rep)

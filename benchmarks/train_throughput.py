@@ -50,12 +50,9 @@ def measure(model, batch_size, steps, windows, *, torch_device, threads, dtype, 
     spec = bench_spec(model)
     jax_bench = TrainBenchmark(model, batch_size, steps, dtype=dtype, steps_per_call=steps_per_call)
     plain_bench = None
-    if plain:  # the same engine step with the CPU fast paths off
-        from cnn_jax.fast_paths import use_fast_paths
-
-        with use_fast_paths(False):
-            plain_bench = TrainBenchmark(model, batch_size, steps, dtype=dtype,
-                                         steps_per_call=steps_per_call)
+    if plain:  # the same engine step with the default (XLA) modules and compiler options
+        plain_bench = TrainBenchmark(model, batch_size, steps, dtype=dtype,
+                                     steps_per_call=steps_per_call, fast_paths=False)
     torch_bench, extra_benches = None, {}
     if use_torch:
         from torch_models import TorchTrainBenchmark
@@ -166,7 +163,7 @@ def markdown(rows, meta) -> str:
         "\n\"cnn_jax\" is the default engine step, with the CPU fast paths of `cnn_jax.fast_paths` "
         "(Eigen instead of YNNPACK convolutions, planar im2col for few-channel convs, im2col for "
         "inputs smaller than the kernel, reshape max pooling)." + (" \"Without fast paths\": the same step traced and compiled under "
-                       "`use_fast_paths(False)`, timed in the same alternation." if plain else "")
+                       "`fast_paths=False` (XLA's own layers and options), timed in the same alternation." if plain else "")
     )
     return "\n".join(lines)
 

@@ -1,9 +1,11 @@
 """Training-throughput benchmark of the project's real train step (`cnn-jax bench MODEL`).
 
-`run_benchmark` builds the model and optimizer the way `cnn_jax.train` does, places a synthetic
-uint8 training split on the device(s) and runs the engine's own device-resident step
-(`backend.train_steps`: batch gather by the data-order contract, on-device normalisation, forward,
-backward, Optax update), so the figure is what training gets, minus evaluation and checkpoints.
+`run_benchmark` builds the model and optimizer the way `cnn_jax.train` does (the CPU fast
+implementations of `cnn_jax.fast_paths` on CPU unless `fast_paths=False`), places a synthetic
+uint8 training split on the device(s) and runs the engine's own steps on it (`loop.run_steps`
+over a `ResidentFeeder`: batch gather by the data-order contract, on-device normalisation,
+forward, backward, Optax update), so the figure is what training gets, minus evaluation and
+checkpoints.
 
 Timing: one call of one step first (compilation + that step), then one warm-up epoch, then
 `windows` timed epochs of `steps` steps each, every one ended by `jax.block_until_ready` on the
@@ -24,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnn_jax import fast_paths
 from cnn_jax.errors import ConfigError
 
 # The benchmarked configurations: input shape (H, W, C), classes and model options as the
@@ -62,11 +63,33 @@ BF16_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 )
 
 RESULT_KEYS = (
-    "model", "batch_size", "steps", "images_per_sec", "compile_seconds", "device", "platform",
-    "num_devices", "backend", "dtype", "compiled_loop", "input_shape", "num_classes", "num_params",
-    "step_seconds_median", "window_images_per_sec", "flops_per_step", "achieved_flops_per_sec",
-    "peak_flops_per_sec", "mfu", "mfu_note", "peak_memory_bytes", "peak_memory_source", "jax_version",
-    "host", "xla_flags", "fast_paths",
+    "model",
+    "batch_size",
+    "steps",
+    "images_per_sec",
+    "compile_seconds",
+    "device",
+    "platform",
+    "num_devices",
+    "backend",
+    "dtype",
+    "compiled_loop",
+    "input_shape",
+    "num_classes",
+    "num_params",
+    "step_seconds_median",
+    "window_images_per_sec",
+    "flops_per_step",
+    "achieved_flops_per_sec",
+    "peak_flops_per_sec",
+    "mfu",
+    "mfu_note",
+    "peak_memory_bytes",
+    "peak_memory_source",
+    "jax_version",
+    "host",
+    "xla_flags",
+    "fast_paths",
 )
 
 
@@ -117,7 +140,11 @@ def _step_flops(model, tx, state, batch_size: int, input_shape, device) -> float
     abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     try:
         lowered = jax.jit(step).lower(abstract_state, batch)
-        analysis = lowered.compile().cost_analysis() if device.platform != "cpu" else lowered.cost_analysis()
+        analysis = (
+            lowered.compile().cost_analysis()
+            if device.platform != "cpu"
+            else lowered.cost_analysis()
+        )
     except Exception:  # noqa: BLE001 -- best effort: some back ends lack a cost analysis
         return None
     if isinstance(analysis, (list, tuple)):
@@ -148,12 +175,19 @@ class TrainBenchmark:
         steps_per_call: int = 0,
         options: dict[str, Any] | None = None,
         seed: int = 0,
+        fast_paths: bool | None = None,
     ):
         from cnn_jax.config import default_config
         from cnn_jax.data import augment
         from cnn_jax.models import available
-        from cnn_jax.train import backends, optimizers
-        from cnn_jax.train.loop import RunKeys, build_model, count_params
+        from cnn_jax.models.summary import count_params
+        from cnn_jax.train import optimizers
+        from cnn_jax.train.compile import BACKENDS
+        from cnn_jax.train.feeders import ResidentFeeder, check_batch_sizes
+        from cnn_jax.train.loop import compile_for
+        from cnn_jax.train.loop import steps_per_call as default_group
+        from cnn_jax.train.restore import build_model, fast_paths_wanted
+        from cnn_jax.train.state import abstract_train_state
 
         if model_name not in available():
             raise ConfigError(
@@ -163,11 +197,15 @@ class TrainBenchmark:
             _check_positive(name, value)
         if dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"dtype={dtype!r} is not valid; expected 'float32' or 'bfloat16'")
-        if backend not in backends.BACKENDS:
+        if backend not in BACKENDS:
             raise ConfigError(
-                f"backend={backend!r} is not valid; expected one of {sorted(backends.BACKENDS)}"
+                f"backend={backend!r} is not valid; expected one of {sorted(BACKENDS)}"
             )
-        if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 0:
+        if (
+            isinstance(steps_per_call, bool)
+            or not isinstance(steps_per_call, int)
+            or steps_per_call < 0
+        ):
             raise ConfigError(
                 f"steps_per_call={steps_per_call!r} is not valid; expected an integer >= 0"
             )
@@ -178,86 +216,95 @@ class TrainBenchmark:
                 f"input_shape={input_shape!r} is not valid; expected (H, W, C) positive integers"
             )
         devices = jax.devices()
-        if batch_size % len(devices):
-            raise ConfigError(
-                f"batch_size={batch_size} is not valid; expected a multiple of the "
-                f"{len(devices)} devices"
-            )
         self.model_name, self.batch_size, self.steps = model_name, batch_size, steps
         self.input_shape, self.dtype, self.backend = input_shape, dtype, backend
         self.num_classes = int(num_classes or spec["num_classes"])
         self.devices = devices
         self._rss_before = _current_rss_bytes()
-        self.traced_with_fast_paths = fast_paths.fast_paths_enabled()  # the step is traced below
 
         config = default_config()
+        config.seed = seed
         config.model.name = model_name
         for key, value in {**spec["options"], **(options or {})}.items():
             config.model.options[key] = value
-        config.train.batch_size = batch_size
+        config.model.fast_paths = {None: "auto", True: "on", False: "off"}[fast_paths]
+        config.train.batch_size = config.train.eval_batch_size = batch_size
         config.train.backend = backend
         config.train.half_precision = dtype == "bfloat16"
+        config.train.steps_per_call = steps_per_call
         config.optimizer.name = "adam"  # the same update rule as the PyTorch twin in benchmarks/
         config.optimizer.schedule = "constant"
-        self.model = build_model(config, self.num_classes)
+        check_batch_sizes(config, len(devices))
+        self.fast_paths = fast_paths_wanted(config, devices)
+        self.model = build_model(config, self.num_classes, fast_paths=self.fast_paths)
         self.tx = optimizers.make_optimizer(config, steps, 1_000_000)
-        keys = RunKeys.from_seed(seed)
         channels = input_shape[-1]
         mean, std = (0.5,) * channels, (0.25,) * channels
 
         def preprocess(images_u8, key, train):
             return augment.preprocess(images_u8, key, train=train, mean=mean, std=std)
 
-        self.compiled_loop = (
-            steps_per_call > 1 if steps_per_call > 0 else backends.default_compiled_loop(devices)
-        )
-        settings = backends.StepSettings(
-            batch_size=batch_size, eval_batch_size=batch_size, steps_per_epoch=steps,
-            data_key=keys.data, aug_key=keys.aug, compiled_loop=self.compiled_loop,
-        )
-        self.engine = backends.make_backend(backend, self.model, self.tx, preprocess, settings,
-                                            devices=devices)
-        state = self.engine.create_state(input_shape, keys.init)
-        self.num_params = count_params(self.engine.to_host_layout(state).params)
         rng = np.random.default_rng(seed)
         images = rng.integers(0, 256, (steps * batch_size, *input_shape), dtype=np.uint8)
         labels = rng.integers(0, self.num_classes, (steps * batch_size,), dtype=np.int32)
-        self.data = self.engine.put_resident(images, labels)
+        feeder = ResidentFeeder(
+            name="synthetic",
+            kind="device",
+            image_shape=input_shape,
+            num_classes=self.num_classes,
+            num_train=len(labels),
+            num_eval=0,
+            preprocess=preprocess,
+            batch_size=batch_size,
+            eval_batch_size=batch_size,
+            train_arrays=(images, labels),
+            eval_arrays=(images[:0], labels[:0]),
+        )
+        self.engine = compile_for(config, self.model, self.tx, feeder, devices)
+        self.group = default_group(config, devices)
+        self.compiled_loop = self.group > 1
+        self.num_params = count_params(
+            abstract_train_state(self.model, self.tx, input_shape).params
+        )
+        state = self.engine.init_state(input_shape, jax.random.PRNGKey(seed))
+        self.batches = feeder.train_batches(self.engine, 0)
         del images, labels
 
         t0 = time.perf_counter()
-        state, sums = self.engine.train_steps(state, self.data, 0, 1)  # compiles
-        jax.block_until_ready((state, sums))
+        state, sums = self._run(state, 1)  # compiles
         self.first_call_seconds = time.perf_counter() - t0
         if steps > 1:  # warm-up: the rest of epoch 0
-            state, sums = self.engine.train_steps(state, self.data, 1, steps - 1)
-            jax.block_until_ready((state, sums))
-        self.state, self.sums, self.epoch = state, sums, 1
+            state, sums = self._run(state, steps - 1)
+        self.state, self.sums = state, sums
+
+    def _run(self, state, num_steps: int):
+        from cnn_jax.train.loop import run_steps
+
+        state, sums = run_steps(
+            self.engine, state, self.engine.zero_sums(), self.batches, num_steps, self.group
+        )
+        return jax.block_until_ready((state, sums))
 
     def run_window(self) -> float:
         """Trains one epoch of `steps` steps; returns its wall time in seconds (device-synced)."""
         t0 = time.perf_counter()
-        state, sums = self.engine.train_steps(
-            self.state, self.data, self.epoch * self.steps, self.steps
-        )
-        jax.block_until_ready((state, sums))
-        seconds = time.perf_counter() - t0
-        self.state, self.sums, self.epoch = state, sums, self.epoch + 1
-        return seconds
+        self.state, self.sums = self._run(self.state, self.steps)
+        return time.perf_counter() - t0
 
     def result(self, window_seconds: list[float]) -> dict[str, Any]:
         """The documented result dict (see `RESULT_KEYS`) for these timed windows."""
         if not window_seconds:
             raise ConfigError("window_seconds is empty; run at least one window")
-        loss = float(jax.device_get(self.sums["loss"])) / self.steps
+        loss = float(jax.device_get(self.engine.host(self.sums)["loss"])) / self.steps
         if not np.isfinite(loss):
             raise FloatingPointError(f"{self.model_name}: the benchmark's training loss is {loss}")
         steps, batch_size, devices = self.steps, self.batch_size, self.devices
         median_window = statistics.median(window_seconds)
         step_seconds = median_window / steps
         device = devices[0]
-        flops = _step_flops(self.model, self.tx, self.engine.to_host_layout(self.state), batch_size,
-                            self.input_shape, device)
+        flops = _step_flops(
+            self.model, self.tx, self.engine.host(self.state), batch_size, self.input_shape, device
+        )
         achieved = flops / step_seconds if flops else None
         peak = peak_bf16_flops(device)
         if device.platform == "cpu":
@@ -309,7 +356,7 @@ class TrainBenchmark:
             "jax_version": jax.__version__,
             "host": platform.node(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "fast_paths": self.traced_with_fast_paths,
+            "fast_paths": self.fast_paths,
         }
 
 
@@ -326,6 +373,7 @@ def run_benchmark(
     windows: int = 5,
     options: dict[str, Any] | None = None,
     seed: int = 0,
+    fast_paths: bool | None = None,
 ) -> dict[str, Any]:
     """Train-step throughput of `model_name` with the engine's device-resident step.
 
@@ -334,7 +382,9 @@ def run_benchmark(
     dtype: "float32" or "bfloat16" (compute dtype; parameters stay float32, as
     `train.half_precision`); backend: "jit" | "pmap"; steps_per_call: 0 = the engine's default for
     the platform, 1 = one dispatch per step, > 1 = each window's steps in one compiled loop;
-    windows: timed windows (the median is reported); options: extra model options.
+    windows: timed windows (the median is reported); options: extra model options; fast_paths:
+    build the model with `cnn_jax.fast_paths`' CPU implementations (None: as training does, on
+    CPU devices only).
 
     Returns a dict with the keys in `RESULT_KEYS`: images_per_sec (median window),
     compile_seconds (first call minus one step), device, peak_memory_bytes with its source (device
@@ -344,12 +394,26 @@ def run_benchmark(
     """
     _check_positive("windows", windows)
     bench = TrainBenchmark(
-        model_name, batch_size, steps, input_shape=input_shape, num_classes=num_classes,
-        dtype=dtype, backend=backend, steps_per_call=steps_per_call, options=options, seed=seed,
+        model_name,
+        batch_size,
+        steps,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        dtype=dtype,
+        backend=backend,
+        steps_per_call=steps_per_call,
+        options=options,
+        seed=seed,
+        fast_paths=fast_paths,
     )
     return bench.result([bench.run_window() for _ in range(windows)])
 
 
 __all__ = [
-    "BENCH_MODELS", "RESULT_KEYS", "TrainBenchmark", "bench_spec", "peak_bf16_flops", "run_benchmark",
+    "BENCH_MODELS",
+    "RESULT_KEYS",
+    "TrainBenchmark",
+    "bench_spec",
+    "peak_bf16_flops",
+    "run_benchmark",
 ]

@@ -195,15 +195,14 @@ def _model_line(config) -> str:
     import jax.numpy as jnp
 
     from cnn_jax.data import get_dataset_info
-    from cnn_jax.models import get_model
     from cnn_jax.models.summary import count_params
+    from cnn_jax.train.feeders import model_image_shape
+    from cnn_jax.train.restore import build_model
 
     info = get_dataset_info(config.dataset.name, config, data_dir=config.dataset.data_dir or None)
-    h, w, c = info.image_shape
-    if config.dataset.image_size:
-        h = w = config.dataset.image_size
+    h, w, c = model_image_shape(config, info)
     classes = len(config.dataset.classes) or info.num_classes
-    model = get_model(config.model.name, num_classes=classes, **config.model.options.to_dict())
+    model = build_model(config, classes)
     variables = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, h, w, c)), train=False)
     )
@@ -268,10 +267,10 @@ def _training_pictures(workdir: Path) -> list[tuple[str, Any]]:
         except ValueError:
             pass  # no complete epoch yet (e.g. --max-steps below one epoch)
     from cnn_jax.data import get_dataset_info
-    from cnn_jax.inference import save_feature_pictures
-    from cnn_jax.train import load_trained
+    from cnn_jax.predict import save_feature_pictures
+    from cnn_jax.train import load
 
-    config, model, variables = load_trained(workdir, "latest")
+    model, variables, config = load(workdir, "latest")
     if get_dataset_info(config.dataset.name, config).device_resident:
         written = save_feature_pictures(config, model, variables, workdir / "pictures")
         pictures += [(name.replace("_", " "), path) for name, path in written.items()]
@@ -290,14 +289,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _resolve_config(args.experiment, args.overrides)  # a bad name or --set fails before loading
     workdir = _existing_workdir(args.workdir or _default_workdir(args.experiment), args.experiment)
-    saved = workdir / "config.json"
-    config = None  # evaluate with the config the run was trained with
-    if args.overrides and saved.exists():
-        config = config_lib.config_from_json(saved.read_text())
-        config = config_lib.validate_config(config_lib.apply_overrides(config, args.overrides))
-    from cnn_jax.train import evaluate
+    from cnn_jax.train.restore import evaluate, read_config
 
-    m = evaluate(config, workdir, checkpoint=args.checkpoint)
+    config = None  # evaluate with the config the run was trained with
+    if args.overrides:
+        config = config_lib.apply_overrides(read_config(workdir), args.overrides)
+    m = evaluate(workdir, args.checkpoint, config)
     top5 = f", top-5 {_percent(m['top5_accuracy'])}" if "top5_accuracy" in m else ""
     _out(
         f"eval {workdir} (checkpoint {args.checkpoint}, step {m.get('step')}): test loss "
@@ -309,12 +306,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     workdir = _existing_workdir(args.workdir)
     from cnn_jax.models.summary import count_params
-    from cnn_jax.train import export_npz, load_trained
+    from cnn_jax.train import export_npz, load
 
     out = Path(args.out)
     if out.suffix != ".npz":
         raise ConfigError(f"--out {str(out)!r}: expected a file name ending in .npz")
-    _, _, variables = load_trained(workdir, args.checkpoint)
+    _, variables, _ = load(workdir, args.checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
     export_npz(variables, out)
     _out(f"wrote {out} ({count_params(variables.get('params', variables)):,} parameters)")
@@ -325,10 +322,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     workdir = _existing_workdir(args.workdir)
     import numpy as np
 
-    from cnn_jax.inference import model_input, predict_probs, read_image
-    from cnn_jax.train import load_trained
+    from cnn_jax.predict import model_input, predict_probs, read_image
+    from cnn_jax.train import load
 
-    config, model, variables = load_trained(workdir, args.checkpoint)
+    model, variables, config = load(workdir, args.checkpoint)
     spec = model_input(config)
     shape = spec["native_shape"]
     images = np.stack([read_image(p, shape, invert=args.invert) for p in args.images])
@@ -404,36 +401,39 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         _out(f"wrote {path}")
         return 0
 
-    from cnn_jax import inference
-    from cnn_jax.train import load_trained
+    from cnn_jax import predict
+    from cnn_jax.train import load
 
-    config, model, variables = load_trained(workdir, args.checkpoint)
+    model, variables, config = load(workdir, args.checkpoint)
     if args.what == "filters":
-        name, kernel = inference.first_conv_kernel(variables["params"])
+        name, kernel = predict.first_conv_kernel(variables["params"])
         out = args.out or workdir / "pictures" / "filters.png"
         _out(f"wrote {viz.plot_filters(kernel, out, title=f'{name} {kernel.shape}')}")
         return 0
 
     outdir = Path(args.out) if args.out else workdir / "pictures"
     if args.image:
-        shape = inference.model_input(config)["native_shape"]
-        image, title = inference.read_image(args.image, shape, invert=args.invert), args.image
+        shape = predict.model_input(config)["native_shape"]
+        image, title = predict.read_image(args.image, shape, invert=args.invert), args.image
     else:
-        image, label, index = inference.sample_test_image(config, args.label, args.index)
-        names = inference.model_input(config)["class_names"]
+        image, label, index = predict.sample_test_image(config, args.label, args.index)
+        names = predict.model_input(config)["class_names"]
         title = f"test image {index} (label {names[label]})"
-    written = inference.save_feature_pictures(config, model, variables, outdir, image, title)
+    written = predict.save_feature_pictures(config, model, variables, outdir, image, title)
     _out(*(f"wrote {p}" for p in written.values()))
     return 0
 
 
 def _scripts() -> dict[str, Path]:
-    from cnn_jax.config import EXPERIMENTS_DIR
+    """The script experiments (files of cnn_jax.experiments defining main, not get_config)."""
+    from cnn_jax.config import experiments_dir
 
     return {
         p.stem: p
-        for p in sorted(EXPERIMENTS_DIR.glob("*.py"))
-        if "def main(" in p.read_text() and "def get_config(" not in p.read_text()
+        for p in sorted(experiments_dir().glob("*.py"))
+        if not p.stem.startswith("_")
+        and "def main(" in p.read_text()
+        and "def get_config(" not in p.read_text()
     }
 
 
@@ -460,17 +460,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from cnn_jax.bench import run_benchmark
-    from cnn_jax.fast_paths import use_fast_paths
 
-    with use_fast_paths(not args.no_fast_paths):
-        result = run_benchmark(
-            args.model,
-            args.batch_size,
-            args.steps,
-            input_shape=args.input_shape,
-            dtype=args.dtype,
-            backend=args.backend,
-        )
+    result = run_benchmark(
+        args.model,
+        args.batch_size,
+        args.steps,
+        input_shape=args.input_shape,
+        dtype=args.dtype,
+        backend=args.backend,
+        fast_paths=False if args.no_fast_paths else None,
+    )
     if args.json:
         _out(json.dumps(result, indent=2, default=str))
         return 0
@@ -671,7 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--no-fast-paths",
             action="store_true",
-            help="trace without the CPU fast paths (cnn_jax.fast_paths), to compare",
+            help="build the model without the CPU fast implementations (cnn_jax.fast_paths), "
+            "to compare",
         )
         p.add_argument("--json", action="store_true", help="print every measured value as JSON")
     return parser
@@ -703,6 +703,17 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     except CnnJaxError as e:
         return _error(str(e))
+    except ModuleNotFoundError as e:  # a core-only install (no extras) running a full command
+        full_extra = (
+            "tensorflow", "tensorflow_datasets", "orbax", "matplotlib", "ml_collections", "tqdm",
+            "tensorboardX", "PIL", "sklearn", "importlib_resources",
+        )  # fmt: skip
+        module = (e.name or "").split(".")[0]
+        if module not in full_extra:
+            raise
+        return _error(
+            f"this command needs {module} from the 'full' extra: pip install 'cnn_jax[full]'"
+        )
     except USER_OS_ERRORS as e:
         where = f": {e.filename}" if e.filename else ""
         return _error(f"{e.strerror or e}{where}")

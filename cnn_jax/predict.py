@@ -1,5 +1,5 @@
-"""Using a trained model on single images: reading files, the eval-time preprocessing, class
-probabilities, layer activations and the pictures made from them.
+"""Predicting with a trained model on single images: reading files, the eval-time preprocessing,
+class probabilities, layer activations and the pictures made from them.
 
 Shared by `cnn-jax predict` / `visualize`, the training command's pictures and the experiment
 scripts. Images go in as uint8 at the dataset's native shape and are preprocessed exactly as the
@@ -41,17 +41,11 @@ def preprocess_for_model(config, images_u8: np.ndarray):
     """uint8 [N, H, W, C] at the native shape -> float32 model input, as at evaluation."""
     import jax
 
-    from cnn_jax.data.augment import preprocess
+    from cnn_jax.data import get_dataset_info
+    from cnn_jax.train.feeders import make_preprocess
 
-    spec = model_input(config)
-    return preprocess(
-        images_u8,
-        jax.random.PRNGKey(0),
-        train=False,
-        mean=spec["mean"],
-        std=spec["std"],
-        image_size=spec["image_size"],
-    )
+    preprocess = make_preprocess(config, get_dataset_info(config.dataset.name, config))
+    return preprocess(images_u8, jax.random.PRNGKey(0), False)
 
 
 def predict_probs(config, model, variables, images_u8: np.ndarray) -> np.ndarray:

@@ -14,9 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from cnn_jax import inference
+from cnn_jax import predict
 from cnn_jax.config import apply_overrides, load_config, validate_config
-from cnn_jax.train import load_trained, train_and_evaluate
+from cnn_jax.train import load, train_and_evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,19 +35,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no checkpoint in {workdir}: training {args.experiment} first")
         results = train_and_evaluate(config, workdir, max_steps=args.max_steps)
         print(f"final test accuracy {results['final_test_accuracy']:.4f}")
-    config, model, variables = load_trained(workdir, "latest")
+    model, variables, config = load(workdir, "latest")
 
-    names = inference.model_input(config)["class_names"]
+    names = predict.model_input(config)["class_names"]
     if args.image:
-        shape = inference.model_input(config)["native_shape"]
-        image, title = inference.read_image(args.image, shape), args.image
+        shape = predict.model_input(config)["native_shape"]
+        image, title = predict.read_image(args.image, shape), args.image
     else:
-        image, label, index = inference.sample_test_image(config, "8", args.index)
+        image, label, index = predict.sample_test_image(config, "8", args.index)
         title = f"test image {index} (label {names[label]})"
-    written = inference.save_feature_pictures(
+    written = predict.save_feature_pictures(
         config, model, variables, workdir / "pictures", image, title
     )
-    probs = inference.predict_probs(config, model, variables, image[None])[0]
+    probs = predict.predict_probs(config, model, variables, image[None])[0]
     print(f"{title}: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(names, probs)))
     print("wrote:", *written.values(), sep="\n  ")
     return 0

@@ -15,7 +15,7 @@ def get_config():
     config.experiment = "lenet5_digits"
     config.model.name = "lenet5"
     config.model.options.first_padding = "VALID"  # the original 32x32 input, no padding
-    config.model.options.activation = "relu"
+    config.model.options.act = "relu"
     config.model.options.pooling = "max"
     config.dataset.name = "digits"
     config.dataset.image_size = 32

@@ -7,7 +7,7 @@ def get_config():
     config = default_config()
     config.experiment = "lenet5_fashion_mnist"
     config.model.name = "lenet5"
-    config.model.options.activation = "relu"
+    config.model.options.act = "relu"
     config.model.options.pooling = "max"
     config.dataset.name = "fashion_mnist"
     config.dataset.flip = True  # clothes are left-right symmetric

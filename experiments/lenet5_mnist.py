@@ -10,7 +10,7 @@ def get_config():
     config = default_config()
     config.experiment = "lenet5_mnist"
     config.model.name = "lenet5"
-    config.model.options.activation = "relu"
+    config.model.options.act = "relu"
     config.model.options.pooling = "max"
     config.dataset.name = "mnist"
     config.dataset.crop_padding = 2  # random shifts of up to 2 pixels

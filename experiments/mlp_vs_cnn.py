@@ -26,10 +26,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from cnn_jax import inference, viz
+from cnn_jax import predict, viz
 from cnn_jax.config import apply_overrides, load_config, validate_config
 from cnn_jax.data import load_split_arrays
-from cnn_jax.train import load_trained, train_and_evaluate
+from cnn_jax.train import load, train_and_evaluate
 
 MLP_HIDDEN = [64, 32]  # ~ LeNet-5's 62k parameters on 28x28 or 32x32 inputs
 
@@ -60,8 +60,8 @@ def shift(x: np.ndarray, dy: int, dx: int, fill: np.ndarray) -> np.ndarray:
 def shift_accuracies(config, model, variables, images, labels, max_shift: int) -> dict[int, float]:
     """{k: test accuracy on inputs shifted by k pixels (mean over 4 directions)}, k = 0..max."""
     apply = jax.jit(lambda x: model.apply(variables, x, train=False))
-    x = np.asarray(inference.preprocess_for_model(config, images))  # as the model sees them
-    fill = np.asarray(inference.preprocess_for_model(config, np.zeros_like(images[:1])))[0, 0, 0]
+    x = np.asarray(predict.preprocess_for_model(config, images))  # as the model sees them
+    fill = np.asarray(predict.preprocess_for_model(config, np.zeros_like(images[:1])))[0, 0, 0]
 
     def accuracy(xs: np.ndarray) -> float:
         predictions = np.concatenate(
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = workdir / config.experiment
         print(f"training {name} in {run_dir}")
         results = train_and_evaluate(config, run_dir, max_steps=args.max_steps)
-        config, model, variables = load_trained(run_dir, "latest")
+        model, variables, config = load(run_dir, "latest")
         images, labels = load_split_arrays(config.dataset.name, "test", config=config)
         table = shift_accuracies(config, model, variables, images, labels, max_shift)
         rows.append(

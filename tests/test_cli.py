@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnn_jax import cli, inference
+from cnn_jax import cli, predict
 
 REPO = Path(__file__).resolve().parent.parent
 MISSING = "no/such/dir"
@@ -178,30 +178,30 @@ def test_read_image_errors(tmp_path, monkeypatch):
     from cnn_jax.errors import DataError
 
     with pytest.raises(DataError, match="does not exist"):
-        inference.read_image(tmp_path / "missing.png", (28, 28, 1))
+        predict.read_image(tmp_path / "missing.png", (28, 28, 1))
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(DataError, match="not a readable PNG or JPEG image"):
-        inference.read_image(tmp_path / "empty.png", (28, 28, 1))
+        predict.read_image(tmp_path / "empty.png", (28, 28, 1))
     (tmp_path / "text.jpg").write_text("hello")
     with pytest.raises(DataError, match="not a readable PNG or JPEG image"):
-        inference.read_image(tmp_path / "text.jpg", (28, 28, 1))
+        predict.read_image(tmp_path / "text.jpg", (28, 28, 1))
     Image.new("L", (64, 64), 255).save(tmp_path / "big.png")
     head = (tmp_path / "big.png").read_bytes()
     (tmp_path / "truncated.png").write_bytes(head[: len(head) // 2])
     with pytest.raises(DataError, match="could not be decoded"):
-        inference.read_image(tmp_path / "truncated.png", (28, 28, 1))
+        predict.read_image(tmp_path / "truncated.png", (28, 28, 1))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 = 4096 > 1000: a "bomb"
     with pytest.raises(DataError, match="too large"):
-        inference.read_image(tmp_path / "big.png", (28, 28, 1))
+        predict.read_image(tmp_path / "big.png", (28, 28, 1))
 
 
 def test_read_image_converts_and_resizes(tmp_path):
     Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "red.jpg")
-    gray = inference.read_image(tmp_path / "red.jpg", (28, 28, 1))
+    gray = predict.read_image(tmp_path / "red.jpg", (28, 28, 1))
     assert gray.shape == (28, 28, 1) and gray.dtype.name == "uint8"
-    rgb = inference.read_image(tmp_path / "red.jpg", (32, 32, 3))
+    rgb = predict.read_image(tmp_path / "red.jpg", (32, 32, 3))
     assert rgb.shape == (32, 32, 3) and rgb[..., 0].mean() > 200 and rgb[..., 1].mean() < 50
-    assert inference.read_image(tmp_path / "red.jpg", (8, 8, 1), invert=True).max() < 255
+    assert predict.read_image(tmp_path / "red.jpg", (8, 8, 1), invert=True).max() < 255
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,14 +244,14 @@ def test_eval(trained, capsys):
 def test_export_round_trip(trained, tmp_path, capsys):
     import jax
 
-    from cnn_jax.train import load_npz, load_trained
+    from cnn_jax.train import load_npz, load
 
     out_file = tmp_path / "lenet.npz"
     code, out, _ = run(capsys, ["export", "--workdir", str(trained), "--out", str(out_file)])
     assert code == 0 and "61,706 parameters" in out
     with np.load(out_file) as npz:
         assert "params/block1/conv1/kernel" in npz.files
-    _, _, variables = load_trained(trained)
+    _, variables, _ = load(trained)
     restored = load_npz(out_file)
     assert jax.tree.structure(restored) == jax.tree.structure(variables)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(variables)):

@@ -79,7 +79,7 @@ def test_lenet5_digits_train_resume_and_pictures(tmp_path, capsys):
     assert "3 steps" in out
 
     # A damaged newest checkpoint: --strict stops; otherwise the run resumes from the one before.
-    for data_file in (workdir / "checkpoints" / "3" / "state").rglob("d/*"):
+    for data_file in (workdir / "checkpoints" / "3" / "variables").rglob("d/*"):
         data_file.write_bytes(b"")
     assert cli.main([*argv, "--max-steps", "4", "--no-pictures", "--strict"]) == 2
     _, err = capsys.readouterr()

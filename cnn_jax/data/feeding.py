@@ -4,6 +4,7 @@ and assembling global (multi-host) arrays from each process's local batch. No Te
 from __future__ import annotations
 
 import collections
+import functools
 import math
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -16,19 +17,21 @@ from cnn_jax.errors import ConfigError, DataError
 Batch = dict[str, np.ndarray]
 
 
-def check_batch_size(batch_size: int, num_devices: int, *, process_count: int = 1) -> int:
-    """Checks that the global `batch_size` splits evenly over devices and processes, before
-    anything is compiled; returns the per-process batch size."""
+def check_batch_size(
+    batch_size: int, num_devices: int, *, process_count: int = 1, key: str = "train.batch_size"
+) -> int:
+    """Checks that the global `batch_size` (config key `key`) splits evenly over devices and
+    processes, before anything is compiled; returns the per-process batch size."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(
-            f"config key 'train.batch_size' has invalid value {batch_size!r}; expected an integer > 0"
+            f"config key {key!r} has invalid value {batch_size!r}; expected an integer > 0"
         )
     for count, what in ((num_devices, "devices"), (process_count, "processes")):
         if batch_size % count:
             lower = batch_size // count * count
             options = " or ".join(str(b) for b in (lower, lower + count) if b > 0)
             raise ConfigError(
-                f"config key 'train.batch_size' has invalid value {batch_size}: it must be "
+                f"config key {key!r} has invalid value {batch_size}: it must be "
                 f"divisible by the number of {what} ({count}), e.g. {options}"
             )
     return batch_size // process_count
@@ -80,13 +83,16 @@ def to_global_batch(batch: Any, sharding: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, x), batch, sharding)
 
 
-def prefetch_to_device(batches: Iterable[Any], sharding: Any, size: int = 2) -> Iterator[Any]:
+def prefetch_to_device(batches: Iterable[Any], put: Any, size: int = 2) -> Iterator[Any]:
     """Moves batches to the devices `size` steps ahead of use, so the host-to-device copy of the
-    next batch overlaps the current step (the copies are asynchronous)."""
+    next batch overlaps the current step (the copies are asynchronous). `put` is a sharding
+    (see `to_global_batch`) or a function from a host batch to device arrays."""
+    if not callable(put):
+        put = functools.partial(to_global_batch, sharding=put)
     queue: collections.deque = collections.deque()
     iterator = iter(batches)
     for batch in iterator:
-        queue.append(to_global_batch(batch, sharding))
+        queue.append(put(batch))
         if len(queue) > size:
             yield queue.popleft()
     while queue:

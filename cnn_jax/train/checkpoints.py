@@ -1,6 +1,6 @@
-"""Orbax checkpoints of the train state, parameter export, and loading trained models.
+"""Orbax checkpoints of the train state, and parameter export.
 
-Layout: `<workdir>/checkpoints/<step>/{state, meta, metrics}` written by one Orbax
+Layout: `<workdir>/checkpoints/<step>/{variables, train, meta, metrics}` written by one Orbax
 `CheckpointManager` (asynchronously; a step directory appears under its final name only once
 complete, so a kill never leaves a half-written checkpoint that looks valid). Old checkpoints
 are deleted the same way round: Orbax first renames them into `checkpoints/deleting/` (one
@@ -12,8 +12,10 @@ latest `keep` checkpoints plus the best one by an eval metric: one manager does 
 the latest). Checkpoints saved without an eval get the worst possible score, so they are
 kept only as "latest".
 
-`meta` (JSON) holds the config, the data position (step, epoch) and the shapes needed to
-rebuild the model; `state` holds the whole `TrainState` (host layout).
+Items: `variables` = the model variables {'params', 'batch_stats'} (all a trained model needs,
+so `cnn_jax.load` restores them without building an optimizer); `train` = what only training
+needs {'step', 'opt_state', 'rng'}; `meta` (JSON) = the data position (step, epoch), the eval
+results and the shapes needed to rebuild the model. The run's config is `<workdir>/config.json`.
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ class CheckpointStore:
             self.directory,
             options=options,
             item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
+                "variables": ocp.StandardCheckpointHandler(),
+                "train": ocp.StandardCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler(),
             },
         )
@@ -204,10 +207,13 @@ class CheckpointStore:
         metrics = {k: float(v) for k, v in (eval_metrics or {}).items()}
         self.manager.wait_until_finished()  # as `manager.save` would; then nothing moves old
         self._purge_deleted()  # steps into `deleting/` while it is emptied
+        variables, train = _split_state(state)
         return self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_jsonable(meta))
+                variables=ocp.args.StandardSave(variables),
+                train=ocp.args.StandardSave(train),
+                meta=ocp.args.JsonSave(_jsonable(meta)),
             ),
             metrics=metrics,
             force=True,
@@ -219,27 +225,36 @@ class CheckpointStore:
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
             )
         except Exception as e:
-            raise DamagedCheckpointError(
-                f"checkpoint {self.directory / str(step)} is damaged or unreadable: "
-                f"{type(e).__name__}: {e}"
-            ) from e
+            raise self._damaged(step, e) from e
         return dict(restored["meta"])
 
-    def check_compatible(self, step: int, target: TrainState) -> None:
-        """Raises `CheckpointError` naming every entry whose shape differs from `target`."""
+    def _damaged(self, step: int, error: Exception) -> DamagedCheckpointError:
+        return DamagedCheckpointError(
+            f"checkpoint {self.directory / str(step)} is damaged or unreadable: "
+            f"{type(error).__name__}: {error}"
+        )
+
+    def check_compatible(self, step: int, targets: dict[str, Any]) -> None:
+        """Raises `CheckpointError` naming every entry whose shape differs from `targets`
+        ({item name: abstract tree}, e.g. {'variables': ..., 'train': ...})."""
+        handler = ocp.StandardCheckpointHandler()  # item by item: others are not read
         try:
-            saved = self.manager.item_metadata(step)["state"]
+            metadata = {
+                name: handler.metadata(self.directory / str(step) / name) for name in targets
+            }
+            saved = {name: getattr(m, "tree", m) for name, m in metadata.items()}
         except Exception as e:
-            raise DamagedCheckpointError(
-                f"checkpoint {self.directory / str(step)} is damaged or unreadable: "
-                f"{type(e).__name__}: {e}"
-            ) from e
-        saved_tree = getattr(saved, "tree", saved)
-        if saved_tree is None:
-            raise DamagedCheckpointError(
-                f"checkpoint {self.directory / str(step)} is damaged: its state metadata is missing"
-            )
-        problems = compare_shapes(saved_tree, target)
+            raise self._damaged(step, e) from e
+        finally:
+            handler.close()
+        problems = []
+        for name, target in targets.items():
+            if saved[name] is None:
+                raise DamagedCheckpointError(
+                    f"checkpoint {self.directory / str(step)} is damaged: its {name} metadata is "
+                    "missing"
+                )
+            problems += [f"{name}/{p}" for p in compare_shapes(saved[name], target)]
         if problems:
             shown = "\n  ".join(problems[:20])
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -249,31 +264,34 @@ class CheckpointStore:
                 "Use a fresh --workdir for a different model or optimizer."
             )
 
-    def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict]:
-        """(state, meta) of checkpoint `step`, restored onto the first local device.
-
-        target: the abstract state (`abstract_train_state`); shapes are compared first, so a
-        different model or optimizer fails with `CheckpointError` instead of a partial load.
-        """
-        self.check_compatible(step, target)
-        device = jax.local_devices()[0]
-        sharding = jax.sharding.SingleDeviceSharding(device)
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), target
-        )
+    def _restore(self, step: int, targets: dict[str, Any]) -> dict:
+        """The items in `targets` ({name: abstract tree}) and meta, onto the first local device;
+        shapes are compared first, so a different model or optimizer fails with a
+        `CheckpointError` naming the entries instead of a partial load."""
+        self.check_compatible(step, targets)
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        args = {
+            name: ocp.args.StandardRestore(jax.tree.map(place, t)) for name, t in targets.items()
+        }
         try:
-            restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-                ),
+            return self.manager.restore(
+                step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore())
             )
         except Exception as e:
-            raise DamagedCheckpointError(
-                f"checkpoint {self.directory / str(step)} is damaged or unreadable: "
-                f"{type(e).__name__}: {e}"
-            ) from e
-        return restored["state"], dict(restored["meta"])
+            raise self._damaged(step, e) from e
+
+    def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict]:
+        """(state, meta) of checkpoint `step`. target: the abstract state (`abstract_train_state`)."""
+        variables, train = _split_state(target)
+        restored = self._restore(step, {"variables": variables, "train": train})
+        return _join_state(restored["variables"], restored["train"]), dict(restored["meta"])
+
+    def restore_variables(self, step: int, target: dict) -> tuple[dict, dict]:
+        """(variables, meta) of checkpoint `step`, without the optimizer state. target: the
+        abstract {'params', 'batch_stats'} of the model (`batch_stats` {} if it has none)."""
+        restored = self._restore(step, {"variables": target})
+        return dict(restored["variables"]), dict(restored["meta"])
 
     def set_aside(self, step: int) -> Path:
         """Renames a damaged checkpoint to `damaged-<step>-<time>` (kept for inspection, no
@@ -304,6 +322,16 @@ class CheckpointStore:
             return
         for path in (self.directory / DELETING_DIR).glob("*"):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _split_state(state: TrainState) -> tuple[dict, dict]:
+    """(variables, train): the `variables` and `train` items of a checkpoint."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return variables, {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+
+
+def _join_state(variables: dict, train: dict) -> TrainState:
+    return TrainState(params=variables["params"], batch_stats=variables["batch_stats"], **train)
 
 
 def _sync_processes(name: str) -> None:

@@ -1,34 +1,35 @@
-"""The training loop: `train_and_evaluate`.
+"""`train_and_evaluate(config, workdir)`: the training loop, top to bottom.
 
-The loop drives the compiled steps in chunks: each call runs up to the next boundary (log /
-eval / checkpoint / epoch end / `train.steps_per_call`), and between calls the host checks for
-NaN, logs, evaluates, saves and looks at the stop flag set by SIGTERM/SIGINT. The data order
-and all randomness are functions of (seed, step), so a run resumed from any checkpoint ends
-bit-identical to an uninterrupted one.
+config -> feeder (dataset) + model + optimizer -> compiled steps -> state (restored or new) ->
+steps in calls of up to the next log/eval/checkpoint/epoch boundary; between calls the host
+checks for NaN, logs, evaluates, saves and looks at the stop flag set by SIGTERM/SIGINT.
+The data order and all randomness are functions of (seed, step), so a run resumed from any
+checkpoint ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 import jax
-import ml_collections
+import numpy as np
 
 from cnn_jax import config as config_lib
-from cnn_jax import parallel
-from cnn_jax.errors import CnnJaxError
-from cnn_jax.train import backends
+from cnn_jax import fast_paths, parallel
+from cnn_jax.errors import CheckpointError, CnnJaxError
+from cnn_jax.models.summary import count_params
+from cnn_jax.train import optimizers
+from cnn_jax.train.checkpoints import CheckpointStore, DamagedCheckpointError
+from cnn_jax.train.compile import BACKENDS, TRAIN_SUMS, Compiled, StepSettings
+from cnn_jax.train.feeders import Feeder, make_feeder
 from cnn_jax.train.metric_writers import MetricWriter
 from cnn_jax.train.reporting import Reporter
-from cnn_jax.train.run import (  # noqa: F401  (RunKeys, build_model, count_params: public here too)
-    Run,
-    RunKeys,
-    build_model,
-    check_device_divisibility,
-    count_params,
-)
+from cnn_jax.train.restore import build_model, fast_paths_wanted
 from cnn_jax.train.signals import StopSignals
+from cnn_jax.train.state import abstract_train_state
+from cnn_jax.train.steps import EVAL_SUMS, summarize_eval
 from cnn_jax.train.workdir import WorkdirLock, ensure_writable
 
 
@@ -36,37 +37,157 @@ class TrainingDivergedError(CnnJaxError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
 
 
+@dataclasses.dataclass(frozen=True)
+class RunKeys:
+    """The PRNG keys of a run, all derived from `config.seed`."""
+
+    init: jax.Array  # parameter init + the state's dropout key
+    data: jax.Array  # epoch permutations
+    aug: jax.Array  # augmentation of step s: fold_in(aug, s)
+
+    @classmethod
+    def from_seed(cls, seed: int) -> RunKeys:
+        init, data, aug = jax.random.split(jax.random.PRNGKey(seed), 3)
+        return cls(init=init, data=data, aug=aug)
+
+
+def total_steps(config, steps_per_epoch: int) -> int:
+    t = config.train
+    return int(t.num_steps) if t.num_steps > 0 else int(t.num_epochs) * steps_per_epoch
+
+
+def steps_per_call(config, devices) -> int:
+    """Steps per compiled call: `train.steps_per_call`, or 1 on CPU (XLA:CPU runs convolution
+    gradients inside loops several times slower, benchmarks/RESULTS.md) and 16 elsewhere."""
+    n = int(config.train.steps_per_call)
+    return n if n > 0 else (1 if devices[0].platform == "cpu" else 16)
+
+
+def compile_for(config, model, tx, feeder: Feeder, devices) -> Compiled:
+    """The configured back end (`train.backend`) compiled for `model`, `tx` and `feeder`."""
+    keys = RunKeys.from_seed(int(config.seed))
+    use_fast = fast_paths_wanted(config, devices)
+    settings = StepSettings(
+        data_key=keys.data,
+        aug_key=keys.aug,
+        label_smoothing=float(config.train.label_smoothing),
+        grad_accum_steps=int(config.train.grad_accum_steps),
+        compiler_options=fast_paths.compiler_options(devices) if use_fast else None,
+    )
+    return BACKENDS[config.train.backend](model, tx, feeder.preprocess, settings, devices)
+
+
+def evaluate_variables(compiled: Compiled, feeder: Feeder, variables) -> dict:
+    """Every example of the eval split exactly once -> loss, accuracy, top5_accuracy, count,
+    images_per_sec. variables: {'params'[, 'batch_stats']} laid out by `compiled`."""
+    start = time.perf_counter()
+    sums = compiled.zero_sums(EVAL_SUMS)
+    for batch in feeder.eval_batches(compiled):
+        sums = _settle(compiled, compiled.evaluate(variables, sums, batch))
+    metrics = summarize_eval(jax.device_get(compiled.host(sums)))
+    if int(metrics["count"]) != feeder.num_eval:
+        raise RuntimeError(
+            f"evaluation saw {int(metrics['count'])} examples, expected {feeder.num_eval}"
+        )
+    metrics["images_per_sec"] = metrics["count"] / max(time.perf_counter() - start, 1e-9)
+    return metrics
+
+
+def _settle(compiled: Compiled, outputs):
+    """Waits for `outputs` when the devices are several CPU devices of one process (forced with
+    --xla_force_host_platform_device_count): XLA:CPU may then run the collectives of programs
+    queued one after another interleaved, and under load they deadlock (its rendezvous aborts the
+    process after 40 s). One program in flight at a time avoids it; elsewhere dispatch stays
+    asynchronous."""
+    if compiled.devices[0].platform == "cpu" and len(compiled.devices) > 1:
+        jax.block_until_ready(outputs)
+    return outputs
+
+
+def run_steps(compiled: Compiled, state, sums, batches, num_steps: int, group: int):
+    """Runs `num_steps` steps on the next batches of the iterator `batches`: one dispatch per
+    step (`group` 1) or `group` steps per compiled loop. Grouping never changes the result."""
+    if group == 1:
+        for _ in range(num_steps):
+            state, sums = _settle(compiled, compiled.train(state, sums, next(batches)))
+        return state, sums
+    while num_steps > 0:
+        count = min(group, num_steps)
+        taken = [next(batches) for _ in range(count)]
+        taken += taken[-1:] * (group - count)  # unused padding: one program for any count
+        state, sums = _settle(
+            compiled,
+            compiled.train_group(state, sums, tuple(taken), compiled.replicate(np.int32(count))),
+        )
+        num_steps -= count
+    return state, sums
+
+
+def restore_or_init(
+    store: CheckpointStore, compiled: Compiled, abstract_state, image_shape, rng, *, strict: bool
+):
+    """(state, start step, meta or {}, damaged checkpoints skipped): resumes from the newest
+    readable checkpoint. A damaged one is moved aside and reported (or raises when `strict`); a
+    checkpoint of another model/optimizer raises `CheckpointError`."""
+    damaged = []
+    for step in reversed(store.all_steps()):
+        try:
+            host_state, meta = store.restore(step, abstract_state)
+        except DamagedCheckpointError as e:
+            if strict:
+                raise
+            damaged.append(f"{e} (moved to {store.set_aside(step)})")
+            continue
+        return compiled.replicate(jax.tree.map(np.asarray, host_state)), step, meta, damaged
+    if damaged:
+        raise CheckpointError(
+            f"every checkpoint in {str(store.directory)!r} is damaged; not training from scratch "
+            "over them (move them away to start again):\n  " + "\n  ".join(damaged)
+        )
+    return compiled.init_state(image_shape, rng), 0, {}, damaged
+
+
 class _Window:
-    """Train metrics accumulated since the last log record."""
+    """Train metrics summed since the last log record, and the timed throughput of the run."""
 
     def __init__(self):
+        self.calls, self.timed_images, self.timed_seconds = 0, 0, 0.0
         self.reset()
 
     def reset(self):
-        self.sums = {k: 0.0 for k in backends.TRAIN_SUMS}
-        self.steps = 0
-        self.seconds = 0.0
+        self.sums, self.steps, self.seconds, self.images = dict.fromkeys(TRAIN_SUMS, 0.0), 0, 0.0, 0
 
-    def add(self, sums: dict, steps: int, seconds: float):
-        for k in self.sums:
+    def add(self, sums: dict, steps: int, seconds: float, batch_size: int, *, timed: bool):
+        for k in TRAIN_SUMS:
             self.sums[k] += float(sums[k])
-        self.steps += steps
-        self.seconds += seconds
+        self.steps, self.seconds, self.images = (
+            self.steps + steps,
+            self.seconds + seconds,
+            self.images + steps * batch_size,
+        )
+        self.calls += 1
+        if timed:  # the first call includes compiling
+            self.timed_images += steps * batch_size
+            self.timed_seconds += seconds
 
     def means(self) -> dict:
-        return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+        means = {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+        return {**means, "images_per_sec": self.images / max(self.seconds, 1e-9)}
 
 
-def _next_stop(step: int, end_step: int, run: Run) -> int:
-    """The end of the next compiled call: the nearest log/epoch/checkpoint/end boundary."""
-    t, spe = run.config.train, run.steps_per_epoch
-    nxt = lambda every: (step // every + 1) * every
-    candidates = [end_step, nxt(spe), nxt(int(t.log_every_steps))]
-    if run.config.checkpoint.every_steps > 0:
-        candidates.append(nxt(int(run.config.checkpoint.every_steps)))
-    if t.steps_per_call > 0:
-        candidates.append(step + int(t.steps_per_call))
-    return min(candidates)
+def _next_boundary(step: int, end_step: int, spe: int, log_every: int, save_every: int) -> int:
+    """The end of the next call: the nearest end/epoch/log/checkpoint boundary after `step`."""
+    every = [spe, log_every] + ([save_every] if save_every > 0 else [])
+    return min(end_step, *((step // n + 1) * n for n in every))
+
+
+def _diverged(bad_step: int, spe: int, last_saved: int | None) -> TrainingDivergedError:
+    kept = f"step {last_saved}" if last_saved is not None else "none"
+    return TrainingDivergedError(
+        f"training diverged: the loss became NaN or infinite at step {bad_step} (epoch "
+        f"{bad_step // spe}); the last good checkpoint ({kept}) is kept. Try a lower "
+        "optimizer.learning_rate or optimizer.grad_clip_norm > 0."
+    )
 
 
 def _is_better(metrics: dict, best: dict | None, key: str, mode: str) -> bool:
@@ -76,28 +197,8 @@ def _is_better(metrics: dict, best: dict | None, key: str, mode: str) -> bool:
     return metrics[key] >= best[key] if mode == "max" else metrics[key] <= best[key]
 
 
-def _train_chunk(run: Run, state, resident_train, train_iter, first_step: int, num_steps: int):
-    """Runs `num_steps` steps; returns (state, sums with first_bad_step) on the host."""
-    if resident_train is not None:
-        state, sums = run.backend.train_steps(state, resident_train, first_step, num_steps)
-        return state, jax.device_get(sums)
-    outputs = []
-    for _ in range(num_steps):
-        state, metrics = run.backend.train_batch(state, next(train_iter))
-        outputs.append(metrics)
-    outputs = jax.device_get(outputs)
-    sums = {k: float(sum(o[k] for o in outputs)) for k in backends.TRAIN_SUMS}
-    bad = [int(o["first_bad_step"]) for o in outputs if int(o["first_bad_step"]) >= 0]
-    sums["first_bad_step"] = bad[0] if bad else -1
-    return state, sums
-
-
 def train_and_evaluate(
-    config: ml_collections.ConfigDict,
-    workdir: str | Path,
-    *,
-    max_steps: int | None = None,
-    reporter: Reporter | None = None,
+    config, workdir: str | Path, *, max_steps: int | None = None, reporter: Reporter | None = None
 ) -> dict:
     """Trains and evaluates the configured model, resuming from `workdir` if it has checkpoints.
 
@@ -112,193 +213,185 @@ def train_and_evaluate(
     damaged_checkpoints.
     """
     wall_start = time.time()
-    config = config_lib.validate_config(ml_collections.ConfigDict(config.to_dict()))
+    config = config_lib.validate_config(config)  # a checked copy: fast_paths is resolved below
     parallel.initialize_distributed()
     reporter = reporter or Reporter()
-    workdir = Path(workdir)
-    is_main = jax.process_index() == 0
+    workdir, is_main = Path(workdir), jax.process_index() == 0
     if is_main:
         ensure_writable(workdir)
     lock = WorkdirLock(workdir)
     if is_main:
         lock.acquire()
     try:
-        run = Run(config, workdir)
+        # -- what this run is: data, model, optimizer, compiled steps ----------------------------
+        devices = jax.devices()
+        feeder = make_feeder(config, len(devices))
+        spe = feeder.steps_per_epoch
+        num_total = total_steps(config, spe)
+        end_step = min(num_total, int(max_steps)) if max_steps else num_total
+        config.model.fast_paths = "on" if fast_paths_wanted(config, devices) else "off"
+        model = build_model(config, feeder.num_classes, fast_paths=config.model.fast_paths == "on")
+        tx = optimizers.make_optimizer(config, spe, num_total)
+        compiled = compile_for(config, model, tx, feeder, devices)
+        abstract_state = abstract_train_state(model, tx, feeder.image_shape)
+        num_params = count_params(abstract_state.params)
+        group = steps_per_call(config, devices)
+        t, ck = config.train, config.checkpoint
+        store = CheckpointStore(
+            workdir,
+            keep=int(ck.keep),
+            best_metric=ck.best_metric,
+            best_mode=ck.best_mode,
+            async_save=bool(ck.async_save),
+        )
+        writer = None
         try:
-            return _train(run, config, workdir, max_steps, reporter, wall_start, is_main)
+            # -- where it starts: the newest readable checkpoint, or a new state ----------------
+            state, start_step, meta, damaged = restore_or_init(
+                store,
+                compiled,
+                abstract_state,
+                feeder.image_shape,
+                RunKeys.from_seed(int(config.seed)).init,
+                strict=bool(ck.strict_resume),
+            )
+            if is_main:
+                (workdir / "config.json").write_text(config_lib.config_to_json(config) + "\n")
+            resumed = start_step if meta else None
+            best, last_eval = meta.get("best"), meta.get("last_eval")
+            last_saved = start_step if meta else None
+            writer = MetricWriter(workdir, resume_step=start_step, enabled=is_main)
+            reporter.on_start(
+                {
+                    "total_steps": num_total,
+                    "end_step": end_step,
+                    "start_step": start_step,
+                    "resumed_from": resumed,
+                    "damaged_checkpoints": damaged,
+                    "steps_per_epoch": spe,
+                    "num_params": num_params,
+                    "input_shape": feeder.image_shape,
+                    "num_classes": feeder.num_classes,
+                    "num_devices": len(devices),
+                    "num_processes": jax.process_count(),
+                    "backend": compiled.name,
+                    "feeder": feeder.kind,
+                    "workdir": str(workdir),
+                }
+            )
+
+            def evaluate(step: int) -> dict:
+                nonlocal best, last_eval
+                metrics = evaluate_variables(compiled, feeder, state.variables())
+                record = {"step": step, "epoch": step / spe, **metrics}
+                writer.write({**record, "split": "test", "wall_time": time.time()})
+                writer.flush()
+                last_eval = {"step": step, **metrics}
+                if _is_better(metrics, best, ck.best_metric, ck.best_mode):
+                    best = {"step": step, **metrics}
+                reporter.on_eval(step, record)
+                return metrics
+
+            def save(step: int, eval_metrics: dict | None = None) -> None:
+                """Starts an asynchronous checkpoint of `state` (with its eval, if any)."""
+                nonlocal last_saved
+                store.save(
+                    step,
+                    compiled.host(state),
+                    {
+                        "step": step,
+                        "epoch": step // spe,
+                        "data_position": {
+                            "step": step,
+                            "epoch": step // spe,
+                            "step_in_epoch": step % spe,
+                            "steps_per_epoch": spe,
+                            "examples_seen": step * feeder.batch_size,
+                        },
+                        "total_steps": num_total,
+                        "image_shape": list(feeder.image_shape),
+                        "num_classes": feeder.num_classes,
+                        "best": best,
+                        "last_eval": last_eval,
+                    },
+                    eval_metrics,
+                )
+                last_saved = step
+
+            # -- the loop ---------------------------------------------------------------------
+            step, interrupted, window = start_step, False, _Window()
+            batches = feeder.train_batches(compiled, step) if step < end_step else None
+            with StopSignals() as stop:
+                while step < end_step:
+                    if stop.requested():
+                        if last_saved != step:
+                            save(step)
+                        interrupted = True
+                        break
+                    stop_at = _next_boundary(step, end_step, spe, t.log_every_steps, ck.every_steps)
+                    began = time.perf_counter()
+                    state, sums = run_steps(
+                        compiled, state, compiled.zero_sums(), batches, stop_at - step, group
+                    )
+                    sums = jax.device_get(compiled.host(sums))  # waits for the steps
+                    if sums["first_bad_step"] >= 0:
+                        raise _diverged(int(sums["first_bad_step"]), spe, last_saved)
+                    window.add(
+                        sums,
+                        stop_at - step,
+                        time.perf_counter() - began,
+                        feeder.batch_size,
+                        timed=window.calls > 0 or stop_at == end_step,
+                    )
+                    step = stop_at
+
+                    # -- between calls: log, evaluate, checkpoint -------------------------------
+                    epoch_end = step % spe == 0
+                    record = {**window.means(), "epoch": step / spe}
+                    if step % t.log_every_steps == 0 or epoch_end or step == end_step:
+                        writer.write(
+                            {"step": step, "split": "train", **record, "wall_time": time.time()}
+                        )
+                        window.reset()
+                    reporter.on_train_step(step, num_total, record)
+                    eval_due = epoch_end and (step // spe) % t.eval_every_epochs == 0
+                    eval_metrics = evaluate(step) if eval_due or step == end_step else None
+                    every = int(ck.every_steps)
+                    save_due = step % every == 0 if every > 0 else epoch_end
+                    if eval_metrics is not None or save_due or step == end_step:
+                        save(step, eval_metrics)
+            if not interrupted and (last_eval is None or last_eval["step"] != step):
+                # e.g. resumed a run that had already finished: report its final evaluation
+                last_eval = {
+                    "step": step,
+                    **evaluate_variables(compiled, feeder, state.variables()),
+                }
         finally:
-            run.store.close()
+            store.close()  # waits for the asynchronous writes
+            if writer is not None:
+                writer.close()
     finally:
         lock.release()
-
-
-class _Trainer:
-    """One `train_and_evaluate` call: the chunked loop and what happens between chunks."""
-
-    def __init__(self, run: Run, end_step: int, reporter: Reporter, is_main: bool):
-        self.run, self.config, self.reporter = run, run.config, reporter
-        self.spe, self.end_step = run.steps_per_epoch, end_step
-        self.state, self.start_step, meta, self.damaged = run.restore_or_init()
-        self.resumed = bool(meta)
-        self.best, self.last_eval = meta.get("best"), meta.get("last_eval")
-        self.last_saved = self.start_step if self.resumed else None
-        self.step = self.start_step
-        self.writer = MetricWriter(run.workdir, resume_step=self.start_step, enabled=is_main)
-        self.window = _Window()
-        self.timed_images, self.timed_seconds, self.calls = 0, 0.0, 0
-        self.resident_train = self.train_iter = None
-        if self.start_step < end_step:
-            if run.inputs.feeder == "device":
-                self.resident_train = run.backend.put_resident(*run.inputs.train_arrays)
-            else:
-                self.train_iter = iter(run.inputs.train_batches(self.start_step))
-
-    def start_info(self) -> dict:
-        run = self.run
-        return {
-            "total_steps": run.total_steps,
-            "end_step": self.end_step,
-            "start_step": self.start_step,
-            "resumed_from": self.start_step if self.resumed else None,
-            "damaged_checkpoints": self.damaged,
-            "steps_per_epoch": self.spe,
-            "num_params": run.num_params,
-            "input_shape": run.image_shape,
-            "num_classes": run.inputs.num_classes,
-            "num_devices": len(run.devices),
-            "num_processes": jax.process_count(),
-            "backend": run.backend.name,
-            "feeder": run.inputs.feeder,
-            "workdir": str(run.workdir),
-        }
-
-    def train(self, stop: StopSignals) -> bool:
-        """Trains up to `end_step`; returns True if stopped early by a signal."""
-        while self.step < self.end_step:
-            if stop.requested():
-                if self.last_saved != self.step:
-                    self.save()
-                return True
-            stop_at = _next_stop(self.step, self.end_step, self.run)
-            self.train_chunk(stop_at - self.step)
-            epoch_end = self.step % self.spe == 0
-            self.log_train(epoch_end)
-            eval_metrics = self.evaluate() if self.eval_due(epoch_end) else None
-            if eval_metrics is not None or self.checkpoint_due(epoch_end):
-                self.save(eval_metrics)
-        return False
-
-    def train_chunk(self, num_steps: int) -> None:
-        began = time.perf_counter()
-        self.state, sums = _train_chunk(
-            self.run, self.state, self.resident_train, self.train_iter, self.step, num_steps
-        )
-        seconds = time.perf_counter() - began
-        if sums["first_bad_step"] >= 0:
-            bad = int(sums["first_bad_step"])
-            kept = f"step {self.last_saved}" if self.last_saved is not None else "none"
-            raise TrainingDivergedError(
-                f"training diverged: the loss became NaN or infinite at step {bad} (epoch "
-                f"{bad // self.spe}); the last good checkpoint ({kept}) is kept. Try a lower "
-                "optimizer.learning_rate or optimizer.grad_clip_norm > 0."
-            )
-        self.calls += 1
-        self.step += num_steps
-        if self.calls > 1 or self.step == self.end_step:  # the first call includes compiling
-            self.timed_images += num_steps * self.run.batch_size
-            self.timed_seconds += seconds
-        self.window.add(sums, num_steps, seconds)
-
-    def log_train(self, epoch_end: bool) -> None:
-        w = self.window
-        record = {
-            **w.means(),
-            "images_per_sec": w.steps * self.run.batch_size / max(w.seconds, 1e-9),
-            "epoch": self.step / self.spe,
-        }
-        if (
-            self.step % self.config.train.log_every_steps == 0
-            or epoch_end
-            or self.step == self.end_step
-        ):
-            self.writer.write(
-                {"step": self.step, "split": "train", **record, "wall_time": time.time()}
-            )
-            w.reset()
-        self.reporter.on_train_step(self.step, self.run.total_steps, record)
-
-    def eval_due(self, epoch_end: bool) -> bool:
-        every = self.config.train.eval_every_epochs
-        return self.step == self.end_step or (epoch_end and (self.step // self.spe) % every == 0)
-
-    def checkpoint_due(self, epoch_end: bool) -> bool:
-        every = int(self.config.checkpoint.every_steps)
-        if self.step == self.end_step:
-            return True
-        return self.step % every == 0 if every > 0 else epoch_end
-
-    def evaluate(self) -> dict:
-        metrics = self.run.evaluate(self.state)
-        record = {"step": self.step, "epoch": self.step / self.spe, **metrics}
-        self.writer.write({**record, "split": "test", "wall_time": time.time()})
-        self.writer.flush()
-        self.last_eval = {"step": self.step, **metrics}
-        ck = self.config.checkpoint
-        if _is_better(metrics, self.best, ck.best_metric, ck.best_mode):
-            self.best = {"step": self.step, **metrics}
-        self.reporter.on_eval(self.step, record)
-        return metrics
-
-    def save(self, eval_metrics: dict | None = None) -> None:
-        """Starts an asynchronous checkpoint of the current step (with its eval, if any)."""
-        run = self.run
-        host_state = run.backend.to_host_layout(self.state)
-        meta = run.meta(self.step, self.best, self.last_eval)
-        run.store.save(self.step, host_state, meta, eval_metrics)
-        self.last_saved = self.step
-
-    def close(self) -> None:
-        self.run.store.close()  # waits for the asynchronous writes
-        self.writer.close()
-
-    def results(self, interrupted: bool, wall_start: float) -> dict:
-        if not interrupted and (self.last_eval is None or self.last_eval["step"] != self.step):
-            self.last_eval = {
-                "step": self.step,
-                **self.run.evaluate(self.state),
-            }  # e.g. resumed a finished run
-        last, best = self.last_eval or {}, self.best or {}
-        return {
-            "final_test_accuracy": last.get("accuracy"),
-            "final_test_loss": last.get("loss"),
-            "final_test_top5_accuracy": last.get("top5_accuracy"),
-            "best_test_accuracy": best.get("accuracy"),
-            "best_step": best.get("step"),
-            "steps": self.step,
-            "epochs": self.step / self.spe,
-            "total_steps": self.run.total_steps,
-            "wall_time_s": time.time() - wall_start,
-            "images_per_sec": self.timed_images / self.timed_seconds if self.timed_seconds else 0.0,
-            "num_params": self.run.num_params,
-            "num_devices": len(self.run.devices),
-            "num_processes": jax.process_count(),
-            "interrupted": interrupted,
-            "resumed_from": self.start_step if self.resumed else None,
-            "damaged_checkpoints": self.damaged,
-        }
-
-
-def _train(run: Run, config, workdir: Path, max_steps, reporter, wall_start, is_main) -> dict:
-    if is_main:
-        (workdir / "config.json").write_text(config_lib.config_to_json(config) + "\n")
-    end_step = run.total_steps if not max_steps else min(run.total_steps, int(max_steps))
-    trainer = _Trainer(run, end_step, reporter, is_main)
-    reporter.on_start(trainer.start_info())
-    try:
-        with StopSignals() as stop:
-            interrupted = trainer.train(stop)
-    finally:
-        trainer.close()
-    results = trainer.results(interrupted, wall_start)
+    last, best = last_eval or {}, best or {}
+    results = {
+        "final_test_accuracy": last.get("accuracy"),
+        "final_test_loss": last.get("loss"),
+        "final_test_top5_accuracy": last.get("top5_accuracy"),
+        "best_test_accuracy": best.get("accuracy"),
+        "best_step": best.get("step"),
+        "steps": step,
+        "epochs": step / spe,
+        "total_steps": num_total,
+        "wall_time_s": time.time() - wall_start,
+        "images_per_sec": window.timed_images / window.timed_seconds
+        if window.timed_seconds
+        else 0.0,
+        "num_params": num_params,
+        "num_devices": len(devices),
+        "num_processes": jax.process_count(),
+        "interrupted": interrupted,
+        "resumed_from": resumed,
+        "damaged_checkpoints": damaged,
+    }
     reporter.on_end(results)
     return results

@@ -1,6 +1,6 @@
 """Pure per-batch train and eval steps: loss, gradients, optimizer update, metrics.
 
-These functions know nothing about devices: the back ends in `backends.py` compile them with
+These functions know nothing about devices: `compile.py` compiles them with
 `jax.jit` over a mesh (global view; `axis_name=None`) or `jax.pmap` (per-device view;
 `axis_name='batch'`, gradients and BatchNorm statistics averaged with `lax.pmean`).
 
@@ -148,15 +148,16 @@ EVAL_SUMS = ("loss_sum", "correct", "correct_top5", "count")
 
 def make_eval_step(
     model: nn.Module, *, axis_name: str | None = None
-) -> Callable[[TrainState, dict], Metrics]:
-    """Builds `eval_step(state, batch) -> sums` over the real (mask = 1) examples.
+) -> Callable[[dict, dict], Metrics]:
+    """Builds `eval_step(variables, batch) -> sums` over the real (mask = 1) examples.
 
+    variables: {'params', 'batch_stats'} (`TrainState.variables()`; no optimizer needed).
     sums: {'loss_sum', 'correct', 'correct_top5', 'count'} float32 scalars (summed over
     devices under pmap). BatchNorm uses its running averages; the loss is plain cross-entropy.
     """
 
-    def eval_step(state: TrainState, batch: dict) -> Metrics:
-        logits = model.apply(state.variables(), batch["image"], train=False)
+    def eval_step(variables: dict, batch: dict) -> Metrics:
+        logits = model.apply(variables, batch["image"], train=False)
         labels = batch["label"]
         mask = batch.get("mask")
         if mask is None:

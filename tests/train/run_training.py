@@ -39,10 +39,8 @@ def main() -> int:
 
     import time
 
-    import ml_collections
-
-    from cnn_jax.config import default_config
-    from cnn_jax.train import Reporter, export_npz, load_trained, train_and_evaluate
+    from cnn_jax.config import config_from_json
+    from cnn_jax.train import Reporter, export_npz, load, train_and_evaluate
     from cnn_jax.train.checkpoints import CheckpointStore
 
     save = CheckpointStore.save
@@ -64,13 +62,12 @@ def main() -> int:
             if args.step_delay:
                 time.sleep(args.step_delay)
 
-    config = default_config()
-    config.update(ml_collections.ConfigDict(json.loads(args.config)))
+    config = config_from_json(args.config)
     results = train_and_evaluate(
         config, args.workdir, max_steps=args.max_steps, reporter=PrintReporter()
     )
     if args.out:
-        _, _, variables = load_trained(args.workdir, "latest")  # collective: every process
+        _, variables, _ = load(args.workdir, "latest")  # collective: every process
         if jax.process_index() == 0:
             export_npz(variables, args.out)
     print("results " + json.dumps(results, default=str), flush=True)

@@ -98,12 +98,13 @@ def test_restoring_into_a_different_model_names_the_mismatches(tmp_path, state):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see test_loop
+@pytest.mark.parametrize("item", ["variables", "train"])
 @pytest.mark.parametrize("damage", ["delete_data", "truncate_metadata"])
-def test_damaged_checkpoint_is_reported(tmp_path, state, damage):
+def test_damaged_checkpoint_is_reported(tmp_path, state, damage, item):
     store = _store(tmp_path)
     store.save(1, state, {"step": 1})
     store.close()
-    state_dir = tmp_path / "checkpoints" / "1" / "state"
+    state_dir = tmp_path / "checkpoints" / "1" / item
     if damage == "delete_data":  # the array data files (OCDBT) are gone
         for data_dir in state_dir.rglob("d"):
             shutil.rmtree(data_dir)
@@ -113,6 +114,26 @@ def test_damaged_checkpoint_is_reported(tmp_path, state, damage):
     with pytest.raises(DamagedCheckpointError, match="checkpoints/1 is damaged"):
         store.restore(1, abstract_train_state(MODEL, TX, IMAGE_SHAPE))
     store.close()
+
+
+def _abstract_variables(state):
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    return {"params": shapes.params, "batch_stats": shapes.batch_stats}
+
+
+def test_model_variables_restore_without_an_optimizer(tmp_path, state):
+    """The variables item alone: no optimizer state is read, so a damaged or different
+    optimizer state does not stop a user from loading the trained model."""
+    store = _store(tmp_path)
+    store.save(3, state, {"step": 3})
+    store.close()
+    for data_dir in (tmp_path / "checkpoints" / "3" / "train").rglob("d"):
+        shutil.rmtree(data_dir)  # the optimizer state is gone
+    reader = _store(tmp_path, read_only=True)
+    variables, meta = reader.restore_variables(3, _abstract_variables(state))
+    reader.close()
+    assert meta == {"step": 3}
+    assert_trees_equal(variables, {"params": state.params, "batch_stats": state.batch_stats})
 
 
 def test_export_npz_round_trip_without_orbax(tmp_path, state):

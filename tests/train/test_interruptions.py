@@ -17,8 +17,8 @@ from train_helpers import config_arg, flatten, run_script, tiny_config
 from cnn_jax.train import load_npz
 from cnn_jax.train.checkpoints import CheckpointStore
 from cnn_jax.train.optimizers import make_optimizer
-from cnn_jax.train.run import build_model
-from cnn_jax.train.state import abstract_train_state
+from cnn_jax.train.restore import build_model
+from cnn_jax.train.state import TrainState, abstract_train_state
 
 pytestmark = pytest.mark.slow
 
@@ -205,7 +205,10 @@ def test_old_checkpoints_are_renamed_away_before_they_are_deleted(tmp_path):
     would still be listed. The store has it renamed into `deleting/` first and empties that."""
     store = CheckpointStore(tmp_path, keep=1, async_save=True)
     for step in (1, 2, 3):
-        store.save(step, {"w": np.full(3, step, np.float32)}, {"step": step})
+        w = np.full(3, step, np.float32)
+        state = TrainState(step=np.int32(step), params={"w": w}, batch_stats={},
+                           opt_state={"m": w}, rng=np.zeros(2, np.uint32))  # fmt: skip
+        store.save(step, state, {"step": step})
     store.wait()
     assert store.all_steps() == [3]
     leftovers = sorted(p.name for p in (tmp_path / "checkpoints" / "deleting").iterdir())

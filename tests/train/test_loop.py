@@ -17,8 +17,8 @@ from cnn_jax.train import (
     TrainingDivergedError,
     evaluate,
     export_npz,
+    load,
     load_npz,
-    load_trained,
     train_and_evaluate,
 )
 from cnn_jax.train.checkpoints import CheckpointStore, DamagedCheckpointError
@@ -52,7 +52,7 @@ def baseline(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("baseline")
     recorder = Recorder()
     results = train_and_evaluate(tiny_config(), workdir, reporter=recorder)
-    _, _, variables = load_trained(workdir)
+    _, variables, _ = load(workdir)
     return workdir, results, recorder, variables
 
 
@@ -92,15 +92,16 @@ def test_workdir_outputs(baseline):
     assert meta["data_position"] == {
         "step": 64, "epoch": 2, "step_in_epoch": 0, "steps_per_epoch": 32, "examples_seen": 512
     }  # fmt: skip
-    assert meta["config"]["train"]["batch_size"] == 8
+    assert "config" not in meta  # one copy of the config per run: config.json
+    assert json.loads((workdir / "config.json").read_text())["train"]["batch_size"] == 8
 
 
 def test_evaluate_and_load_trained(baseline, tmp_path):
     workdir, results, _, variables = baseline
-    metrics = evaluate(None, workdir, checkpoint="latest")
+    metrics = evaluate(workdir, "latest")
     assert metrics["accuracy"] == pytest.approx(results["final_test_accuracy"])
     assert metrics["count"] == 256 and metrics["step"] == 64
-    config, model, loaded = load_trained(workdir, checkpoint="best")
+    model, loaded, config = load(workdir, checkpoint="best")
     assert config.model.name == "simple_convnet"
     logits = model.apply(loaded, np.zeros((3, 8, 8, 1), np.float32), train=False)
     assert logits.shape == (3, 10)
@@ -114,7 +115,7 @@ def test_resume_after_max_steps_is_bit_identical(baseline, tmp_path):
     assert first["steps"] == 20
     second = train_and_evaluate(tiny_config(), tmp_path)
     assert second["resumed_from"] == 20 and second["steps"] == 64
-    _, _, variables = load_trained(tmp_path)
+    _, variables, _ = load(tmp_path)
     assert_trees_equal(variables, baseline[3])
     steps = [
         json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -134,7 +135,7 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     store = CheckpointStore(tmp_path, read_only=True)
     assert store.all_steps() == [4]
     store.close()
-    params = load_trained(tmp_path)[2]["params"]
+    params = load(tmp_path)[1]["params"]
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
@@ -180,7 +181,7 @@ def test_unwritable_workdir_fails_up_front(tmp_path):
 def _damaged_copy(baseline_dir, tmp_path, step):
     workdir = tmp_path / "run"
     shutil.copytree(baseline_dir, workdir)
-    for data_dir in (workdir / "checkpoints" / str(step) / "state").rglob("d"):
+    for data_dir in (workdir / "checkpoints" / str(step) / "variables").rglob("d"):
         shutil.rmtree(data_dir)
     return workdir
 
@@ -200,7 +201,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one(baseline, tmp_p
         and "checkpoints/64" in results["damaged_checkpoints"][0]
     )
     assert list((workdir / "checkpoints").glob("damaged-64-*"))  # kept aside for inspection
-    assert_trees_equal(load_trained(workdir)[2], baseline[3])
+    assert_trees_equal(load(workdir)[1], baseline[3])
 
 
 @_ORBAX_DAMAGE_NOISE

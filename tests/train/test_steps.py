@@ -55,10 +55,10 @@ def test_eval_masks_padding():
     state, _ = _state(model)
     batch = _batch(16)
     eval_step = jax.jit(make_eval_step(model))
-    full = summarize_eval(eval_step(state, {**batch, "mask": jnp.ones(16)}))
-    first = summarize_eval(eval_step(state, {k: v[:10] for k, v in batch.items()}))
+    full = summarize_eval(eval_step(state.variables(), {**batch, "mask": jnp.ones(16)}))
+    first = summarize_eval(eval_step(state.variables(), {k: v[:10] for k, v in batch.items()}))
     padded = {**batch, "mask": jnp.array([1.0] * 10 + [0.0] * 6)}
-    masked = summarize_eval(eval_step(state, padded))
+    masked = summarize_eval(eval_step(state.variables(), padded))
     assert masked["count"] == 10 and full["count"] == 16
     assert masked["loss"] == pytest.approx(first["loss"], rel=1e-5)
     assert masked["accuracy"] == pytest.approx(first["accuracy"])

@@ -10,7 +10,7 @@ from cnn_jax.train import evaluate, train_and_evaluate
 VARIANTS = {
     "pmap_resident_batchnorm": [
         "train.backend=pmap",
-        "model.options.use_batchnorm=True",
+        "model.options.norm='batch'",
     ],
     "jit_streaming": [
         "dataset.feeder=streaming",
@@ -49,5 +49,5 @@ def test_variant_trains_evaluates_and_resumes(tmp_path, name):
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     test = [r for r in records if r["split"] == "test"]
     assert test[-1]["count"] == 256
-    metrics = evaluate(None, tmp_path, checkpoint="latest")
+    metrics = evaluate(tmp_path, "latest")
     assert metrics["accuracy"] == pytest.approx(results["final_test_accuracy"], abs=1e-6)

@@ -1,0 +1,253 @@
+"""Feeders: the engine's one view of a dataset, whether it lives on the devices or streams.
+
+`make_feeder(config, num_devices)` loads the configured dataset and returns a feeder with its
+shapes and sizes, the preprocessing the compiled steps apply, and two methods:
+
+    train_batches(compiled, start_step) -> iterator of device batches for steps start_step, ...
+    eval_batches(compiled)              -> iterator of device batches covering the eval split
+                                           once, padded and masked ('mask' 1 for real examples)
+
+`ResidentFeeder` keeps the uint8 splits on the devices and gathers each step's batch there by the
+data-order contract (`cnn_jax.data.order`: a pure function of (seed, step)); `StreamingFeeder`
+reads tf.data batches on the host (`cnn_jax.data.streaming`) and prefetches them to the devices.
+The loop calls the same methods on both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from cnn_jax.data import augment, order
+from cnn_jax.data.feeding import check_batch_size, pad_to_batches, prefetch_to_device
+from cnn_jax.data.loading import load_split_arrays
+from cnn_jax.data.registry import choose_feeder, get_dataset_info
+
+# preprocess(images_u8 [B, H, W, C], key, train) -> float32 [B, H', W', C]
+PreprocessFn = Callable[[jax.Array, jax.Array, bool], jax.Array]
+
+
+def make_preprocess(config, info) -> PreprocessFn:
+    """uint8 batch -> normalised float32, with the configured resize and (train only) crop and
+    flip. The one definition of what a model trained with `config` sees, used by training,
+    evaluation and prediction."""
+    d = config.dataset
+    return functools.partial(
+        _preprocess,
+        mean=tuple(info.mean),
+        std=tuple(info.std),
+        image_size=int(d.image_size) or None,
+        crop_padding=int(d.crop_padding),
+        flip=bool(d.flip),
+    )
+
+
+def _preprocess(images, key, train, **options):
+    return augment.preprocess(images, key, train=train, **options)
+
+
+def model_image_shape(config, info) -> tuple[int, int, int]:
+    """(H, W, C) the model sees: the dataset's, resized to `dataset.image_size` if set."""
+    h, w, c = info.image_shape
+    size = int(config.dataset.image_size)
+    return (size, size, c) if size else (h, w, c)
+
+
+def check_batch_sizes(config, num_devices: int) -> None:
+    """Every device (and process) must get the same share of every train, micro and eval batch;
+    a `ConfigError` names the key before anything is loaded or compiled."""
+    t, processes = config.train, jax.process_count()
+    check_batch_size(t.batch_size, num_devices, process_count=processes)
+    check_batch_size(
+        t.eval_batch_size, num_devices, process_count=processes, key="train.eval_batch_size"
+    )
+    check_batch_size(
+        t.batch_size // t.grad_accum_steps,
+        num_devices,
+        key="train.batch_size / train.grad_accum_steps",
+    )
+
+
+@dataclasses.dataclass
+class Feeder:
+    """What the engine needs to know about a dataset; the subclasses say where batches come from."""
+
+    name: str
+    kind: str  # 'device' | 'streaming'
+    image_shape: tuple[int, int, int]  # what the model sees
+    num_classes: int
+    num_train: int  # 0 when opened for evaluation only
+    num_eval: int
+    preprocess: PreprocessFn
+    batch_size: int  # global
+    eval_batch_size: int  # global
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return order.steps_per_epoch(self.num_train, self.batch_size)
+
+    def train_batches(self, compiled, start_step: int) -> Iterator[dict]:
+        raise NotImplementedError
+
+    def eval_batches(self, compiled) -> Iterator[dict]:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass
+class ResidentFeeder(Feeder):
+    """Both splits on every device as uint8; a step's batch is gathered there (no host work).
+
+    Every process holds the whole split, so the global batch of a step is the same for any
+    number of devices and processes.
+    """
+
+    train_arrays: tuple[np.ndarray, np.ndarray] = ()
+    eval_arrays: tuple[np.ndarray, np.ndarray] = ()
+    _eval_split: Any = None
+
+    def train_batches(self, compiled, start_step: int) -> Iterator[dict]:
+        images, labels = self.train_arrays
+        split = compiled.replicate({"image": images, "label": labels.astype(np.int32)})
+        n, spe = len(labels), self.steps_per_epoch
+        step, perm_epoch, perm = start_step, None, None
+        while True:
+            if step // spe != perm_epoch:  # one permutation per epoch, computed on device
+                perm_epoch = step // spe
+                perm = compiled.permutation(perm_epoch, n)
+            yield compiled.take(split, perm, (step % spe) * self.batch_size, self.batch_size)
+            step += 1
+
+    def eval_batches(self, compiled) -> Iterator[dict]:
+        eb = self.eval_batch_size
+        if self._eval_split is None or self._eval_split[0] is not compiled:  # placed once
+            images, labels, mask = pad_to_batches(*self.eval_arrays, eb)
+            placed = {"image": images, "label": labels.astype(np.int32), "mask": mask}
+            in_order = np.arange(len(mask), dtype=np.int32)
+            self._eval_split = (compiled, *compiled.replicate((placed, in_order)))
+        _, split, in_order = self._eval_split
+        for start in range(0, in_order.shape[-1], eb):
+            yield compiled.take(split, in_order, start, eb)
+
+
+@dataclasses.dataclass
+class StreamingFeeder(Feeder):
+    """tf.data batches read on the host (each process its shard), prefetched to the devices two
+    steps ahead so the copies overlap the running step."""
+
+    open_train: Callable[[int], Iterator[dict]] | None = None  # start_step -> host batches
+    open_eval: Callable[[], Iterator[dict]] | None = None
+
+    def train_batches(self, compiled, start_step: int) -> Iterator[dict]:
+        return prefetch_to_device(self.open_train(start_step), compiled.put_batch)
+
+    def eval_batches(self, compiled) -> Iterator[dict]:
+        return prefetch_to_device(self.open_eval(), compiled.put_batch)
+
+
+def make_feeder(config, num_devices: int, *, eval_only: bool = False) -> Feeder:
+    """The configured dataset, device-resident or streaming (`dataset.feeder`; 'auto' keeps
+    datasets that fit on the devices). `eval_only` skips loading the training split."""
+    check_batch_sizes(config, num_devices)
+    d, t = config.dataset, config.train
+    data_dir = d.data_dir or None
+    info = get_dataset_info(d.name, config, data_dir=data_dir)
+    classes = list(d.classes) or None
+    train_split = d.train_split or info.train_split
+    eval_split = d.eval_split or info.test_split
+    common = {
+        "name": info.name,
+        "image_shape": model_image_shape(config, info),
+        "num_classes": len(classes) if classes else info.num_classes,
+        "preprocess": make_preprocess(config, info),
+        "batch_size": int(t.batch_size),
+        "eval_batch_size": int(t.eval_batch_size),
+    }
+    load = functools.partial(
+        load_split_arrays, d.name, data_dir=data_dir, classes=classes, config=config
+    )
+    if choose_feeder(info, config) == "device":
+        eval_arrays = load(eval_split)
+        train_arrays = (eval_arrays[0][:0], eval_arrays[1][:0]) if eval_only else load(train_split)
+        return ResidentFeeder(
+            kind="device",
+            num_train=len(train_arrays[1]),
+            num_eval=len(eval_arrays[1]),
+            train_arrays=train_arrays,
+            eval_arrays=eval_arrays,
+            **common,
+        )
+    from cnn_jax.data import streaming
+
+    processes = jax.process_count()
+    shard = (jax.process_index(), processes)
+    local_eval_batch = int(t.eval_batch_size) // processes
+    count = functools.partial(
+        _count_examples, info, classes=classes, data_dir=data_dir, config=config
+    )
+    # Train shards are made equal (drop remainder), so the global epoch is processes x shard.
+    num_train = 0 if eval_only else count(train_split, shard=shard, drop_remainder=True) * processes
+    num_eval = count(eval_split)
+    # Every process must run the same number of eval steps (collectives): pad with empty batches.
+    eval_steps = math.ceil(math.ceil(num_eval / processes) / local_eval_batch)
+    source = {
+        "data_dir": data_dir,
+        "shard": shard,
+        "image_size": int(d.image_size) or None,
+        "classes": classes,
+        "config": config,
+    }
+    return StreamingFeeder(
+        kind="streaming",
+        num_train=num_train,
+        num_eval=num_eval,
+        open_train=lambda start_step: streaming.train_batches(
+            d.name,
+            train_split,
+            batch_size=int(t.batch_size) // processes,
+            seed=int(config.seed),
+            start_step=start_step,
+            **source,
+        ),
+        open_eval=lambda: streaming.eval_batches(
+            d.name, eval_split, batch_size=local_eval_batch, num_batches=eval_steps, **source
+        ),
+        **common,
+    )
+
+
+def _count_examples(
+    info, split: str, *, classes, data_dir, config, shard=None, drop_remainder=False
+) -> int:
+    """Examples in a split (or shard), after the class filter, without decoding any image."""
+    from cnn_jax.data import _tf, loading
+
+    if info.name == "synthetic":
+        return len(
+            load_split_arrays(
+                "synthetic",
+                split,
+                shard=shard,
+                classes=classes,
+                config=config,
+                drop_remainder=drop_remainder,
+            )[1]
+        )
+    tf, tfds = _tf.tf(), _tf.tfds()
+    builder = loading.open_builder(info, data_dir)
+    ds = builder.as_dataset(
+        split=loading.shard_split(split, shard, drop_remainder=drop_remainder),
+        decoders={"image": tfds.decode.SkipDecoding()},
+    )
+    if classes:
+        wanted = tf.constant([int(c) for c in classes], tf.int64)
+        ds = ds.filter(lambda ex: tf.reduce_any(tf.equal(tf.cast(ex["label"], tf.int64), wanted)))
+    n = int(ds.cardinality())
+    if n >= 0:
+        return n
+    return int(ds.map(lambda ex: ex["label"]).reduce(np.int64(0), lambda c, _: c + 1))
