@@ -492,7 +492,12 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     _check(fast in FAST_PATHS, "model.fast_paths", fast, f"one of {FAST_PATHS}")
     _check(t.batch_size > 0, "train.batch_size", t.batch_size, "an integer > 0")
     _check(t.eval_batch_size > 0, "train.eval_batch_size", t.eval_batch_size, "an integer > 0")
-    _check(t.num_epochs > 0 or t.num_steps > 0, "train.num_epochs", t.num_epochs, "> 0 (or train.num_steps > 0)")
+    _check(
+        t.num_epochs > 0 or t.num_steps > 0,
+        "train.num_epochs",
+        t.num_epochs,
+        "> 0 (or train.num_steps > 0)",
+    )
     _check(t.num_steps >= 0, "train.num_steps", t.num_steps, ">= 0")
     _check(t.backend in BACKENDS, "train.backend", t.backend, f"one of {BACKENDS}")
     _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, "an integer >= 1")
@@ -502,9 +507,16 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         t.grad_accum_steps,
         f"a divisor of train.batch_size={t.batch_size}",
     )
-    _check(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", t.label_smoothing, "a value in [0, 1)")
+    _check(
+        0.0 <= t.label_smoothing < 1.0,
+        "train.label_smoothing",
+        t.label_smoothing,
+        "a value in [0, 1)",
+    )
     _check(t.log_every_steps > 0, "train.log_every_steps", t.log_every_steps, "an integer > 0")
-    _check(t.eval_every_epochs > 0, "train.eval_every_epochs", t.eval_every_epochs, "an integer > 0")
+    _check(
+        t.eval_every_epochs > 0, "train.eval_every_epochs", t.eval_every_epochs, "an integer > 0"
+    )
     _check(t.steps_per_call >= 0, "train.steps_per_call", t.steps_per_call, ">= 0")
     _check(o.name in OPTIMIZERS, "optimizer.name", o.name, f"one of {OPTIMIZERS}")
     _check(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "a number > 0")
@@ -518,9 +530,19 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         list(o.step_boundaries),
         "fractions of training strictly between 0 and 1",
     )
-    _check(o.grad_clip_norm >= 0, "optimizer.grad_clip_norm", o.grad_clip_norm, "a number >= 0 (0 disables)")
+    _check(
+        o.grad_clip_norm >= 0,
+        "optimizer.grad_clip_norm",
+        o.grad_clip_norm,
+        "a number >= 0 (0 disables)",
+    )
     _check(d.feeder in FEEDERS, "dataset.feeder", d.feeder, f"one of {FEEDERS}")
-    _check(d.image_size >= 0, "dataset.image_size", d.image_size, "an integer >= 0 (0 keeps the native size)")
+    _check(
+        d.image_size >= 0,
+        "dataset.image_size",
+        d.image_size,
+        "an integer >= 0 (0 keeps the native size)",
+    )
     _check(d.crop_padding >= 0, "dataset.crop_padding", d.crop_padding, "an integer >= 0")
     _check(ck.every_steps >= 0, "checkpoint.every_steps", ck.every_steps, "an integer >= 0")
     _check(ck.keep >= 1, "checkpoint.keep", ck.keep, "an integer >= 1")

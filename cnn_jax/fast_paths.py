@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cnn_jax import layers
+from cnn_jax import layers, ops
 
 # The YNNPACK library fusions XLA:CPU uses (by default convolutions and dots), as an empty list: Eigen
 # then runs them multi-threaded. Passed per program, so other JAX code in the process is untouched.
@@ -117,10 +117,6 @@ def _all_ones(values) -> bool:
     return values is None or all(int(v) == 1 for v in values)
 
 
-def _out_size(n: int, k: int, s: int, lo: int, hi: int) -> int:
-    return (n + lo + hi - k) // s + 1
-
-
 def conv_general_dilated(
     lhs,
     rhs,
@@ -182,8 +178,8 @@ def conv_general_dilated(
         )
     else:
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    ho = _out_size(lhs.shape[1], kh, strides[0], *pads[0])
-    wo = _out_size(lhs.shape[2], kw, strides[1], *pads[1])
+    ho = ops.window_output_size(lhs.shape[1], kh, strides[0], *pads[0])
+    wo = ops.window_output_size(lhs.shape[2], kw, strides[1], *pads[1])
     n = lhs.shape[0]
     if ho < 1 or wo < 1 or any(p < 0 for pair in pads for p in pair):
         return plain()
@@ -267,8 +263,8 @@ def _planar_forward(x, k, strides, pads, precision):
     """y^T [O, N*Ho*Wo] = K^T @ patches (one matmul), then back to NHWC. The transposed product is
     measured faster than contracting the patches' first axis into an [N*Ho*Wo, O] result."""
     kh, kw, c, o = k.shape
-    ho = _out_size(x.shape[1], kh, strides[0], *pads[0])
-    wo = _out_size(x.shape[2], kw, strides[1], *pads[1])
+    ho = ops.window_output_size(x.shape[1], kh, strides[0], *pads[0])
+    wo = ops.window_output_size(x.shape[2], kw, strides[1], *pads[1])
     p = _planar_patches(x, kh, kw, strides, pads, (ho, wo))
     y = lax.dot_general(k.reshape(kh * kw * c, o), p, (((0,), (0,)), ((), ())), precision=precision)
     return jnp.transpose(y.reshape(o, x.shape[0], ho, wo), (1, 2, 3, 0))

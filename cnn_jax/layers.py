@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnn_jax import ops
 from cnn_jax.errors import ConfigError, ShapeError
 
 ModuleDef = Any
@@ -151,11 +152,10 @@ def padding_pairs(
         if mode == "VALID":
             return [(0, 0)] * ndim
         if mode in ("SAME", "CIRCULAR"):
-            pairs = []
-            for n, k, s, d in zip(in_sizes, windows, strides, dilations):
-                total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
-                pairs.append((total // 2, total - total // 2))
-            return pairs
+            return [
+                ops.same_padding(n, (k - 1) * d + 1, s)
+                for n, k, s, d in zip(in_sizes, windows, strides, dilations)
+            ]
         raise ConfigError(
             f"padding={padding!r} is not valid; expected 'SAME', 'VALID', an int or pairs"
         )
@@ -178,7 +178,7 @@ def window_output_sizes(
     dilations = dilations or (1,) * len(in_sizes)
     pairs = padding_pairs(padding, in_sizes, windows, strides, dilations)
     return tuple(
-        (n + lo + hi - (k - 1) * d - 1) // s + 1
+        ops.window_output_size(n, (k - 1) * d + 1, s, lo, hi)
         for n, (lo, hi), k, s, d in zip(in_sizes, pairs, windows, strides, dilations)
     )
 

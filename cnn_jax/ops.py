@@ -84,11 +84,19 @@ def _check_image(x: jax.Array, fn: str, name: str = "x") -> None:
         raise ShapeError(f"{fn}: {name} must have H >= 1 and W >= 1, got shape {tuple(x.shape)}")
 
 
-def _same_pads(size: int, window: int, stride: int) -> tuple[int, int]:
-    """XLA/TF 'SAME': output ceil(size/stride); odd total padding puts the extra pixel after."""
+def same_padding(size: int, window: int, stride: int) -> tuple[int, int]:
+    """(low, high) padding of XLA/TF 'SAME' along one axis: output ceil(size / stride); an odd
+    total puts the extra pixel after. `window` is the effective (dilated) window d*(k-1)+1."""
     out = -(-size // stride)
     total = max((out - 1) * stride + window - size, 0)
     return total // 2, total - total // 2
+
+
+def window_output_size(size: int, window: int, stride: int, low: int, high: int) -> int:
+    """The guides' formula along one axis, unchecked: floor((n + low + high - k) / s) + 1, with
+    k the effective window. The one definition used by `ops`, `layers` and `fast_paths` (< 1
+    means the window does not fit)."""
+    return (size + low + high - window) // stride + 1
 
 
 def resolve_padding(
@@ -110,8 +118,8 @@ def resolve_padding(
             return (0, 0), (0, 0)
         if mode == "SAME":
             return (
-                _same_pads(in_hw[0], window_hw[0], stride_hw[0]),
-                _same_pads(in_hw[1], window_hw[1], stride_hw[1]),
+                same_padding(in_hw[0], window_hw[0], stride_hw[0]),
+                same_padding(in_hw[1], window_hw[1], stride_hw[1]),
             )
         raise ShapeError(
             f"{fn}: padding {padding!r} is not a known padding string; expected {_PADDING_FORMS}"
@@ -156,7 +164,7 @@ def _output_hw(
                 f"> input {n} + padding {lo}+{hi} = {n + lo + hi}; expected an effective size "
                 "no larger than the padded input (add padding, use 'SAME', or shrink it)"
             )
-        out.append((n + lo + hi - k) // s + 1)
+        out.append(window_output_size(n, k, s, lo, hi))
     return out[0], out[1]
 
 
@@ -219,7 +227,7 @@ def conv_output_size(
             f"than the padded input {size} + {lo} + {hi} = {size + lo + hi}; the output would be "
             "empty"
         )
-    return int((size + lo + hi - k_eff) // stride + 1)
+    return int(window_output_size(size, k_eff, stride, lo, hi))
 
 
 def conv_output_shape(
