@@ -363,6 +363,20 @@ class AdaptiveAvgPool(nn.Module):
         return adaptive_avg_pool(x, self.output_size)
 
 
+def conv_norm_act(
+    model: nn.Module, x: jax.Array, index: int, features: int, kernel, *, train: bool, **conv_kwargs
+) -> jax.Array:
+    """conv{index} -> [norm{index}] -> act with `model`'s `conv`, `norm`, `act`, `dtype` and
+    `param_dtype` fields: `[N, H, W, C] -> [N, H', W', features]`. Called inside the model's
+    compact `__call__`, so the layers are its direct children (torchvision's flat names)."""
+    dtypes = {"dtype": model.dtype, "param_dtype": model.param_dtype}
+    x = model.conv(features, kernel, name=f"conv{index}", **dtypes, **conv_kwargs)(x)
+    norm = make_norm(model.norm, train, **dtypes)
+    if norm is not None:
+        x = norm(name=f"norm{index}")(x)
+    return activation_fn(model.act)(x)
+
+
 class ConvBlock(nn.Module):
     """`num_convs` x (conv -> [norm] -> act), then optional pooling.
 

@@ -20,7 +20,7 @@ from cnn_jax.layers import (
     Pool,
     activation_fn,
     check_images,
-    make_norm,
+    conv_norm_act,
     norm_class,
 )
 
@@ -60,23 +60,7 @@ class ZFNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_images(x, "ZFNet")
         x = x.astype(self.dtype)
-        act = activation_fn(self.act)
-        norm = make_norm(self.norm, train, dtype=self.dtype, param_dtype=self.param_dtype)
-
-        def conv(x, i, features, kernel, **kwargs):
-            """conv{i} -> [norm{i}] -> act: [N, H, W, C] -> [N, H', W', features]."""
-            x = self.conv(
-                features,
-                kernel,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"conv{i}",
-                **kwargs,
-            )(x)
-            if norm is not None:
-                x = norm(name=f"norm{i}")(x)
-            return act(x)
-
+        conv = functools.partial(conv_norm_act, self, train=train)
         pool = functools.partial(self.pool, "max", 3, 2, ceil_mode=True)
         if self.cifar_stem:
             x = conv(x, 1, 96, (3, 3), padding=1)
