@@ -244,7 +244,7 @@ def test_eval(trained, capsys):
 def test_export_round_trip(trained, tmp_path, capsys):
     import jax
 
-    from cnn_jax.train import load_npz, load
+    from cnn_jax.train import load, load_npz
 
     out_file = tmp_path / "lenet.npz"
     code, out, _ = run(capsys, ["export", "--workdir", str(trained), "--out", str(out_file)])

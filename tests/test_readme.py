@@ -12,7 +12,7 @@ def _section_code(title: str) -> list[str]:
     text = README.read_text()
     start = text.index(f"### {title}")
     end = text.index("\n### ", start + 1)
-    return re.findall(r"```python\n(.*?)```", text[start:end], flags=re.S)
+    return re.findall(r"```python\n(.*?)```", text[start:end], flags=re.DOTALL)
 
 
 def test_reuse_examples_run():
@@ -20,7 +20,7 @@ def test_reuse_examples_run():
     assert len(blocks) == 4
     namespace: dict = {}
     for code in blocks[:3]:  # the fourth loads a trained run (tests/train/test_loop.py covers it)
-        exec(compile(code, str(README), "exec"), namespace)
+        exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 (our own README)
     assert namespace["logits"].shape == (8, 10)
     assert np.isfinite(float(namespace["metrics"]["loss"]))
     norm = namespace["group_norm"].norm
