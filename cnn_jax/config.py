@@ -36,6 +36,7 @@ SCHEDULES = ("constant", "cosine", "step")
 BACKENDS = ("jit", "pmap")
 FEEDERS = ("auto", "device", "streaming")
 BEST_MODES = ("max", "min")
+BEST_METRICS = ("accuracy", "top5_accuracy", "loss")  # what an evaluation reports
 FAST_PATHS = ("auto", "on", "off")
 EXPERIMENTS_PACKAGE = "cnn_jax.experiments"
 
@@ -547,6 +548,10 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     _check(ck.every_steps >= 0, "checkpoint.every_steps", ck.every_steps, "an integer >= 0")
     _check(ck.keep >= 1, "checkpoint.keep", ck.keep, "an integer >= 1")
     _check(ck.best_mode in BEST_MODES, "checkpoint.best_mode", ck.best_mode, f"one of {BEST_MODES}")
+    _check(
+        ck.best_metric in BEST_METRICS, "checkpoint.best_metric", ck.best_metric,
+        f"one of {BEST_METRICS}",
+    )  # fmt: skip
     return checked
 
 

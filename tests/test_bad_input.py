@@ -163,6 +163,8 @@ CONFIG_CASES = [
      "model 'lenet5' has no option(s) 'colour'"),
     ("bad-model-option", ["lenet5_digits", SET, "model.options.act=swishy"],
      "act='swishy' is not a known activation"),
+    ("bogus-best-metric", ["lenet5_digits", SET, "checkpoint.best_metric=bogus"],
+     "config key 'checkpoint.best_metric' has invalid value 'bogus'; expected one of"),
     ("synthetic-classes", ["lenet5_digits", SET, "dataset.name=synthetic",
                            "dataset.synthetic_classes=1"],
      "'dataset.synthetic_classes' has invalid value 1; expected >= 2"),

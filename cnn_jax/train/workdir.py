@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -27,62 +28,57 @@ def ensure_writable(workdir: Path) -> None:
         ) from e
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
 class WorkdirLock:
-    """An exclusive lock file `<workdir>/.lock` holding the owner's pid and host.
+    """An exclusive `fcntl.flock` on `<workdir>/.lock`, which also records the holder's pid and
+    host for the error message.
 
-    A second run on the same workdir is refused with the holder's pid; a lock left by a dead
-    process on this host is taken over. (Another host's lock cannot be checked: it is
-    respected, and the message says how to remove it.)
+    The lock is the kernel's: taking it is atomic (two processes racing can never both get it)
+    and it is released when its holder exits, however it dies, so there are no stale locks to
+    detect. The file itself stays (deleting a lock file lets a racing process lock the deleted
+    copy). A lock on a network file system without flock support is refused with a message.
     """
 
     def __init__(self, workdir: Path):
         self.path = Path(workdir) / LOCK_NAME
-        self.held = False
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def acquire(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if owner is None or (
-                    owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1)))
-                ):
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
-                    continue
-                where = "" if owner.get("host") == me["host"] else f" on host {owner.get('host')}"
-                raise CheckpointError(
-                    f"workdir {str(self.path.parent)!r} is in use by another run (process id "
-                    f"{owner.get('pid')}{where}); wait for it, stop it, or use another --workdir "
-                    f"(if that process is gone, delete {str(self.path)!r})"
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return
-        raise CheckpointError(f"could not take the workdir lock {str(self.path)!r}")
-
-    def _owner(self) -> dict | None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            return json.loads(self.path.read_text())
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = self._owner()
+            os.close(fd)
+            here = socket.gethostname()
+            where = "" if owner.get("host") in (None, here) else f" on host {owner.get('host')}"
+            raise CheckpointError(
+                f"workdir {str(self.path.parent)!r} is in use by another run (process id "
+                f"{owner.get('pid', 'unknown')}{where}); wait for it, stop it, or use another "
+                "--workdir"
+            ) from None
+        except OSError as e:
+            os.close(fd)
+            raise CheckpointError(f"cannot lock the workdir {str(self.path.parent)!r}: {e}") from e
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+        self._fd = fd
+
+    def _owner(self) -> dict:
+        try:
+            owner = json.loads(self.path.read_text())
         except (OSError, ValueError):
-            return None  # unreadable or half-written: treat as stale
+            return {}  # the holder is between taking the lock and writing its pid
+        return owner if isinstance(owner, dict) else {}
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> Self:
         self.acquire()

@@ -5,6 +5,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -22,7 +24,9 @@ from cnn_jax.train import (
     train_and_evaluate,
 )
 from cnn_jax.train.checkpoints import CheckpointStore, DamagedCheckpointError
+from cnn_jax.train.workdir import WorkdirLock
 
+REPO = Path(__file__).resolve().parents[2]
 RESULT_KEYS = {
     "final_test_accuracy", "best_test_accuracy", "best_step", "final_test_loss", "steps",
     "epochs", "wall_time_s", "images_per_sec", "num_params",
@@ -157,18 +161,52 @@ def test_invalid_config_is_rejected_before_anything_runs(tmp_path, override, key
 
 
 def test_second_run_on_a_locked_workdir_is_refused(tmp_path):
-    (tmp_path / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
-    with pytest.raises(CheckpointError, match=f"process id {os.getpid()}"):
+    held = WorkdirLock(tmp_path)  # another run holds the workdir
+    with held, pytest.raises(CheckpointError, match=f"process id {os.getpid()}"):
         train_and_evaluate(tiny_config(), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
 
 
-def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+def test_lock_file_of_a_dead_process_does_not_block(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / ".lock").write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
     results = train_and_evaluate(tiny_config(), tmp_path, max_steps=2)
     assert results["steps"] == 2
-    assert not (tmp_path / ".lock").exists()  # released at the end
+    with WorkdirLock(tmp_path):  # released at the end
+        pass
+
+
+_RACER = """
+import sys, time
+from pathlib import Path
+from cnn_jax.errors import CheckpointError
+from cnn_jax.train.workdir import WorkdirLock
+start = float(sys.argv[2])
+lock = WorkdirLock(Path(sys.argv[1]))
+time.sleep(max(start - time.time(), 0))
+try:
+    lock.acquire()
+except CheckpointError:
+    print("refused")
+else:
+    time.sleep(start + 1.5 - time.time())  # hold it while every racer has tried
+    print("got")
+"""
+
+
+def test_racing_processes_never_both_get_the_lock(tmp_path):
+    """Many processes try to take one workdir at the same instant, in fresh and in reused lock
+    files (a lock file created but still empty was taken as stale by the old pid-file lock)."""
+    for round_ in range(3):
+        start = time.time() + 3.0
+        racers = [
+            subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path), str(start)],
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+            for _ in range(8)
+        ]  # fmt: skip
+        outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in racers)
+        assert outcomes == ["got"] + ["refused"] * 7, (round_, outcomes)
 
 
 def test_unwritable_workdir_fails_up_front(tmp_path):
