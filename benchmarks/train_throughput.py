@@ -168,6 +168,14 @@ def markdown(rows, meta) -> str:
     return "\n".join(lines)
 
 
+def _torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", help="comma-separated (default: the platform's plan)")
@@ -188,6 +196,11 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="", help="suffix of the JSON file and RESULTS.md section, so a "
                    "partial re-run does not replace the full table")
     args = p.parse_args(argv)
+    if not args.no_torch and not _torch_available():
+        print("train_throughput: PyTorch is not installed; install the bench extra "
+              "(.venv/bin/pip install -e '.[bench]', torch 2.13.0) or pass --no-torch",
+              file=sys.stderr)
+        return 2
 
     import jax
 

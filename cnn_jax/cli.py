@@ -249,7 +249,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             outputs += _training_pictures(workdir)
         except (CnnJaxError, ValueError, OSError) as e:  # training itself succeeded
             print(f"{PROG}: warning: could not draw the pictures: {_paragraph(e)}", file=sys.stderr)
-    outputs.append(("TensorBoard", f"tensorboard --logdir {workdir}"))
+    if importlib.util.find_spec("tensorboard") is not None:
+        outputs.append(("TensorBoard", f"tensorboard --logdir {workdir}"))
+    else:  # the event files are written either way; the viewer is a separate install
+        outputs.append(
+            ("TensorBoard", f"{workdir / 'tensorboard'} (view: pip install tensorboard)")
+        )
     width = max(len(name) for name, _ in outputs) + 2
     _out("outputs:", *(f"  {name + ':':{width}s}{path}" for name, path in outputs))
     return 0

@@ -222,6 +222,22 @@ def trained(tmp_path_factory):
         yield root / "run"
 
 
+@pytest.mark.parametrize("viewer_installed", [False, True])
+def test_tensorboard_hint_only_when_the_viewer_is_installed(trained, capsys, monkeypatch,
+                                                            viewer_installed):  # fmt: skip
+    """The printed `tensorboard --logdir` command failed with 'command not found' (TensorBoard is
+    not a dependency): without it, the output names the event folder and how to get a viewer."""
+    real = cli.importlib.util.find_spec
+    fake = lambda name, *a: (real("json") if viewer_installed else None) if name == "tensorboard" else real(name, *a)
+    monkeypatch.setattr(cli.importlib.util, "find_spec", fake)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(trained.parent / "tfds"))
+    argv = ["train", "lenet5_digits", "--workdir", str(trained), "--max-steps", "2", "--no-pictures"]
+    code, out, _ = run(capsys, [*argv, "--set", *TINY])  # finished already: outputs only
+    assert code == 0
+    assert ("tensorboard --logdir" in out) is viewer_installed
+    assert ("(view: pip install tensorboard)" in out) is not viewer_installed
+
+
 def digit_png(path, label=8):
     """A digits test image of `label` as an 8x8 grayscale PNG."""
     from sklearn.datasets import load_digits

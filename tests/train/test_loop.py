@@ -160,6 +160,18 @@ def test_invalid_config_is_rejected_before_anything_runs(tmp_path, override, key
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_refused_resume_leaves_config_json_as_it_was(baseline, tmp_path):
+    """A run refused because the checkpoint does not fit used to rewrite config.json first, so a
+    later `eval` on the workdir broke: nothing in the workdir changes before the checks pass."""
+    workdir = tmp_path / "run"
+    shutil.copytree(baseline[0], workdir)
+    before = (workdir / "config.json").read_text()
+    with pytest.raises(CheckpointError, match="does not fit"):
+        train_and_evaluate(tiny_config("model.options.hidden_features=[16]"), workdir)
+    assert (workdir / "config.json").read_text() == before
+    assert evaluate(workdir)["count"] == 256
+
+
 def test_second_run_on_a_locked_workdir_is_refused(tmp_path):
     held = WorkdirLock(tmp_path)  # another run holds the workdir
     with held, pytest.raises(CheckpointError, match=f"process id {os.getpid()}"):
