@@ -406,23 +406,13 @@ class ConvBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        act = activation_fn(self.act)
-        norm = make_norm(self.norm, train, dtype=self.dtype, param_dtype=self.param_dtype)
         kernel = _per_dim(self.kernel_size, 2)
         for i in range(1, self.num_convs + 1):
-            x = self.conv(
-                self.features,
-                kernel,
-                strides=self.strides if i == 1 else 1,
-                padding=self.padding,
+            x = conv_norm_act(
+                self, x, i, self.features, kernel, train=train,
+                strides=self.strides if i == 1 else 1, padding=self.padding,
                 use_bias=self.use_bias,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"conv{i}",
-            )(x)
-            if norm is not None:
-                x = norm(name=f"norm{i}")(x)
-            x = act(x)
+            )  # fmt: skip
         if self.pooling is not None:
             x = self.pool(
                 self.pooling, self.pool_window, self.pool_strides, self.pool_padding, name="pool"

@@ -3,7 +3,7 @@ class probabilities, layer activations and the pictures made from them.
 
 Shared by `cnn-jax predict` / `visualize`, the training command's pictures and the experiment
 scripts. Images go in as uint8 at the dataset's native shape and are preprocessed exactly as the
-evaluation pipeline does (`cnn_jax.data.augment.preprocess` with `train=False`).
+evaluation pipeline does (`cnn_jax.train.feeders.make_preprocess` with `train=False`).
 """
 
 from __future__ import annotations
@@ -20,21 +20,15 @@ MAX_FEATURE_MAP_LAYERS = 8
 
 
 def model_input(config) -> dict[str, Any]:
-    """What a model trained with `config` expects: native shape (H, W, C), `image_size`
-    (None keeps the native size), per-channel `mean`/`std` and the `class_names`."""
+    """What a model trained with `config` takes and gives: the dataset's native image shape
+    (H, W, C) and the `class_names` (preprocessing is `preprocess_for_model`)."""
     from cnn_jax.data import get_dataset_info
 
     info = get_dataset_info(config.dataset.name, config)
     names = [str(n) for n in info.class_names] or [str(i) for i in range(info.num_classes)]
     if config.dataset.classes:
         names = [names[i] for i in config.dataset.classes]
-    return {
-        "native_shape": tuple(info.image_shape),
-        "image_size": int(config.dataset.image_size) or None,
-        "mean": info.mean,
-        "std": info.std,
-        "class_names": names,
-    }
+    return {"native_shape": tuple(info.image_shape), "class_names": names}
 
 
 def preprocess_for_model(config, images_u8: np.ndarray):

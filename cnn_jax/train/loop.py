@@ -150,29 +150,26 @@ def restore_or_init(
 class _Window:
     """Train metrics summed since the last log record, and the timed throughput of the run."""
 
-    def __init__(self):
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
         self.calls, self.timed_images, self.timed_seconds = 0, 0, 0.0
         self.reset()
 
     def reset(self):
-        self.sums, self.steps, self.seconds, self.images = dict.fromkeys(TRAIN_SUMS, 0.0), 0, 0.0, 0
+        self.sums, self.steps, self.seconds = dict.fromkeys(TRAIN_SUMS, 0.0), 0, 0.0
 
-    def add(self, sums: dict, steps: int, seconds: float, batch_size: int, *, timed: bool):
+    def add(self, sums: dict, steps: int, seconds: float, *, timed: bool):
         for k in TRAIN_SUMS:
             self.sums[k] += float(sums[k])
-        self.steps, self.seconds, self.images = (
-            self.steps + steps,
-            self.seconds + seconds,
-            self.images + steps * batch_size,
-        )
+        self.steps, self.seconds = self.steps + steps, self.seconds + seconds
         self.calls += 1
         if timed:  # the first call includes compiling
-            self.timed_images += steps * batch_size
+            self.timed_images += steps * self.batch_size
             self.timed_seconds += seconds
 
     def means(self) -> dict:
         means = {k: v / max(self.steps, 1) for k, v in self.sums.items()}
-        return {**means, "images_per_sec": self.images / max(self.seconds, 1e-9)}
+        return {**means, "images_per_sec": self.steps * self.batch_size / max(self.seconds, 1e-9)}
 
 
 def _next_boundary(step: int, end_step: int, spe: int, log_every: int, save_every: int) -> int:
@@ -319,7 +316,7 @@ def train_and_evaluate(
                 last_saved = step
 
             # -- the loop ---------------------------------------------------------------------
-            step, interrupted, window = start_step, False, _Window()
+            step, interrupted, window = start_step, False, _Window(feeder.batch_size)
             batches = feeder.train_batches(compiled, step) if step < end_step else None
             with StopSignals() as stop:
                 while step < end_step:
@@ -340,7 +337,6 @@ def train_and_evaluate(
                         sums,
                         stop_at - step,
                         time.perf_counter() - began,
-                        feeder.batch_size,
                         timed=window.calls > 0 or stop_at == end_step,
                     )
                     step = stop_at

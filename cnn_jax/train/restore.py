@@ -60,6 +60,16 @@ def _open_store(workdir: Path, config) -> CheckpointStore:
     )
 
 
+def _restore_variables(store: CheckpointStore, step: int, model, image_shape) -> dict:
+    """The `variables` item of checkpoint `step`, shaped for `model` on `image_shape` inputs, as
+    {'params'[, 'batch_stats']} for `model.apply`."""
+    dummy = jnp.zeros((1, *image_shape), jnp.float32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy, train=False))
+    target = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
+    variables, _ = store.restore_variables(step, target)
+    return variables_of(variables["params"], variables["batch_stats"])
+
+
 def load(workdir: str | Path, checkpoint: str | int = "latest") -> tuple[Any, dict, Any]:
     """(model, variables, config) of a trained run, for inference or reuse.
 
@@ -75,13 +85,10 @@ def load(workdir: str | Path, checkpoint: str | int = "latest") -> tuple[Any, di
         step = store.resolve(checkpoint)
         meta = store.read_meta(step)
         model = build_model(config, int(meta["num_classes"]), half_precision=False)
-        dummy = jnp.zeros((1, *meta["image_shape"]), jnp.float32)
-        shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy, train=False))
-        target = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
-        variables, _ = store.restore_variables(step, target)
+        variables = _restore_variables(store, step, model, meta["image_shape"])
     finally:
         store.close()
-    return model, variables_of(variables["params"], variables["batch_stats"]), config
+    return model, variables, config
 
 
 def evaluate(workdir: str | Path, checkpoint: str | int = "latest", config=None) -> dict:
@@ -100,14 +107,11 @@ def evaluate(workdir: str | Path, checkpoint: str | int = "latest", config=None)
         devices = jax.devices()
         feeder = make_feeder(config, len(devices), eval_only=True)
         model = build_model(config, feeder.num_classes, fast_paths=fast_paths_wanted(config))
-        dummy = jnp.zeros((1, *feeder.image_shape), jnp.float32)
-        shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy, train=False))
-        target = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
-        variables, _ = store.restore_variables(step, target)
+        variables = _restore_variables(store, step, model, feeder.image_shape)
     finally:
         store.close()
     compiled = compile_for(config, model, None, feeder, devices)
-    placed = compiled.replicate(variables_of(variables["params"], variables["batch_stats"]))
+    placed = compiled.replicate(variables)
     metrics = evaluate_variables(compiled, feeder, placed)
     metrics.pop("images_per_sec", None)
     return {**metrics, "step": step}
