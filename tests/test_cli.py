@@ -166,7 +166,9 @@ def test_python_dash_m_subprocess():
 def test_bench_json(capsys, flag):
     import json
 
-    code, out, _ = run(capsys, ["bench", "lenet5", "--batch-size", "8", "--steps", "2", "--json", *flag])
+    code, out, _ = run(
+        capsys, ["bench", "lenet5", "--batch-size", "8", "--steps", "2", "--json", *flag]
+    )
     assert code == 0
     result = json.loads(out)
     assert result["model"] == "lenet5" and result["batch_size"] == 8
@@ -228,10 +230,20 @@ def test_tensorboard_hint_only_when_the_viewer_is_installed(trained, capsys, mon
     """The printed `tensorboard --logdir` command failed with 'command not found' (TensorBoard is
     not a dependency): without it, the output names the event folder and how to get a viewer."""
     real = cli.importlib.util.find_spec
-    fake = lambda name, *a: (real("json") if viewer_installed else None) if name == "tensorboard" else real(name, *a)
+    fake = lambda name, *a: (
+        (real("json") if viewer_installed else None) if name == "tensorboard" else real(name, *a)
+    )
     monkeypatch.setattr(cli.importlib.util, "find_spec", fake)
     monkeypatch.setenv("TFDS_DATA_DIR", str(trained.parent / "tfds"))
-    argv = ["train", "lenet5_digits", "--workdir", str(trained), "--max-steps", "2", "--no-pictures"]
+    argv = [
+        "train",
+        "lenet5_digits",
+        "--workdir",
+        str(trained),
+        "--max-steps",
+        "2",
+        "--no-pictures",
+    ]
     code, out, _ = run(capsys, [*argv, "--set", *TINY])  # finished already: outputs only
     assert code == 0
     assert ("tensorboard --logdir" in out) is viewer_installed
