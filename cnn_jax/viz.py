@@ -97,6 +97,8 @@ def plot_filters(
     n = min(k.shape[3], max_filters)
     tiles = [k[:, :, :, o] if k.shape[2] == 3 else k[:, :, :, o].mean(axis=2) for o in range(n)]
     title = title or f"{k.shape[3]} filters {k.shape[0]}x{k.shape[1]}x{k.shape[2]}"
+    if n < k.shape[3]:
+        title += f" (first {n} of {k.shape[3]} filters)"
     return plot_image_grid(tiles, [str(o) for o in range(n)], path, suptitle=title)
 
 
@@ -107,7 +109,8 @@ def plot_feature_maps(
     max_channels: int = 8,
     title: str | None = None,
 ) -> Path:
-    """One row per layer, showing its first `max_channels` channels.
+    """One row per layer, showing its first `max_channels` channels; the row's label gives the
+    layer's shape and, when channels are left out, how many are shown ('8 of 16 channels').
 
     activations: layer name -> [H, W, C] (a leading batch axis of size 1 is dropped);
     vectors [C] (e.g. dense outputs) are drawn as a 1 x C strip.
@@ -121,9 +124,10 @@ def plot_feature_maps(
             rows.append((name, [a[None, :]], f"{name} {a.shape[0]}"))
         elif a.ndim == 3:
             c = min(a.shape[-1], max_channels)
-            rows.append(
-                (name, [a[:, :, i] for i in range(c)], f"{name} {'x'.join(map(str, a.shape))}")
-            )
+            label = f"{name} {'x'.join(map(str, a.shape))}"
+            if c < a.shape[-1]:
+                label += f"\n{c} of {a.shape[-1]} channels"
+            rows.append((name, [a[:, :, i] for i in range(c)], label))
         else:
             raise ValueError(f"plot_feature_maps: {name!r} must be [H, W, C] or [C], got {a.shape}")
     if not rows:
@@ -141,15 +145,12 @@ def plot_feature_maps(
     return _save(fig, path)
 
 
-def read_metrics(metrics_jsonl_path: str | Path) -> dict[str, dict[str, list[tuple[float, float]]]]:
-    """Per-epoch curves from a metrics.jsonl file: {'train'|'test': {'loss'|'accuracy': [(epoch, v)]}}.
-
-    Accepts records with `split` and plain metric keys, or prefixed keys (`train_loss`,
-    `test/accuracy`, `eval_accuracy`). The x value is the epoch when present (a fractional epoch
-    e - 1 < x <= e counts as epoch e), else the step. Records of one epoch are averaged.
-    """
+def _read_curves(metrics_jsonl_path: str | Path) -> tuple[dict, str]:
+    """(read_metrics' curves, the x axis's unit: 'epoch' or 'step')."""
     sums: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    with open(metrics_jsonl_path) as f:
+    units = set()
+    # errors="replace": a damaged (non-UTF-8) line is skipped below like any other bad line
+    with open(metrics_jsonl_path, encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
             if not line:
@@ -158,11 +159,12 @@ def read_metrics(metrics_jsonl_path: str | Path) -> dict[str, dict[str, list[tup
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
-            x = record.get("epoch", record.get("step"))
-            if not isinstance(x, (int, float)):
+            if not isinstance(record, dict):
                 continue
-            if "epoch" in record:
-                x = math.ceil(x - 1e-9)  # records during epoch e (fractional epochs) count as e
+            unit = "epoch" if "epoch" in record else "step"
+            x = record.get(unit)
+            if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x):
+                continue
             split = record.get("split")
             for key, value in record.items():
                 if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -176,29 +178,71 @@ def read_metrics(metrics_jsonl_path: str | Path) -> dict[str, dict[str, list[tup
                 s = "test" if s == "eval" else s
                 if s in ("train", "test") and metric in ("loss", "accuracy"):
                     sums[s][metric][float(x)].append(float(value))
-    return {
+                    units.add(unit)
+    curves = {
         s: {m: sorted((x, float(np.mean(v))) for x, v in points.items()) for m, points in d.items()}
         for s, d in sums.items()
     }
+    return curves, ("step" if units == {"step"} else "epoch")
 
 
-def plot_training_curves(metrics_jsonl_path: str | Path, path: str | Path) -> Path:
-    """Loss and accuracy per epoch, train vs test, from a run's metrics.jsonl."""
-    curves = read_metrics(metrics_jsonl_path)
+def read_metrics(metrics_jsonl_path: str | Path) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Curves from a metrics.jsonl file: {'train'|'test': {'loss'|'accuracy': [(x, value)]}}.
+
+    Accepts records with `split` and plain metric keys, or prefixed keys (`train_loss`,
+    `test/accuracy`, `eval_accuracy`). x is the record's own epoch, fractional as logged (a
+    record after 0.64 epochs is at x = 0.64, not rounded to an epoch), else its step. Records
+    with the same split and x are averaged; lines that are not JSON objects are skipped.
+    """
+    return _read_curves(metrics_jsonl_path)[0]
+
+
+def _run_title(metrics_jsonl_path: Path) -> str:
+    """'EXPERIMENT (MODEL on DATASET)' from the config.json beside metrics.jsonl, else the name
+    of the folder that holds it."""
+    folder = metrics_jsonl_path.resolve().parent
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        experiment = str(config.get("experiment") or folder.name)
+        model, dataset = config["model"]["name"], config["dataset"]["name"]
+        return f"{experiment} ({model} on {dataset})"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return folder.name
+
+
+def plot_training_curves(
+    metrics_jsonl_path: str | Path, path: str | Path, *, title: str | None = None
+) -> Path:
+    """Loss and accuracy, train vs test, from a run's metrics.jsonl, each logged point at its
+    own (fractional) epoch; the points are drawn as markers, so a single point shows.
+
+    title: default: the run's experiment, model and dataset from the config.json beside the
+    metrics file (else that folder's name), and how far it got ('0.64 epochs').
+    """
+    metrics_jsonl_path = Path(metrics_jsonl_path)
+    curves, unit = _read_curves(metrics_jsonl_path)
     if not curves:
         raise ValueError(f"no train/test loss or accuracy records in {str(metrics_jsonl_path)!r}")
-    fig = _new_figure(10, 4)
+    if title is None:
+        last = max(x for d in curves.values() for points in d.values() for x, _ in points)
+        title = f"{_run_title(metrics_jsonl_path)}: {last:.4g} {unit}{'s' if last != 1 else ''}"
+    fig = _new_figure(10, 4.4)
     for i, metric in enumerate(("loss", "accuracy")):
         ax = fig.add_subplot(1, 2, i + 1)
-        for split, style in (("train", "-o"), ("test", "-s")):
+        for split, marker in (("train", "o"), ("test", "s")):
             points = curves.get(split, {}).get(metric)
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, style, markersize=3, label=split)
-        ax.set_xlabel("epoch")
+                size = 5 if len(points) <= 60 else 2  # many points: the line carries the shape
+                ax.plot(xs, ys, "-" + marker, markersize=size, label=split)
+        ax.set_xlim(left=0)
+        ax.set_xlabel(unit)
         ax.set_ylabel(metric)
+        ax.set_title(metric)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_lines():
+            ax.legend()
+    fig.suptitle(title)
     return _save(fig, path)
 
 
@@ -208,20 +252,31 @@ def plot_probabilities(
     path: str | Path,
     *,
     title: str | None = None,
+    max_classes: int = 20,
 ) -> Path:
-    """Class probabilities as horizontal bars. probs: [num_classes]."""
+    """Class probabilities as horizontal bars. probs: [num_classes].
+
+    Up to `max_classes` classes are drawn in class order; with more (ImageNet's 1000), the
+    `max_classes` most probable, highest first, and the title says so ('top 20 of 1000 classes').
+    """
     p = np.asarray(probs, dtype=np.float32).reshape(-1)
     if len(p) != len(class_names):
         raise ValueError(
             f"plot_probabilities: {len(p)} probabilities but {len(class_names)} class names"
         )
-    fig = _new_figure(5, 0.3 * len(p) + 1)
+    shown = np.arange(len(p))
+    if len(p) > max_classes:
+        shown = np.argsort(-p, kind="stable")[:max_classes]
+        note = f"top {max_classes} of {len(p)} classes"
+        title = f"{title} ({note})" if title else note
+    fig = _new_figure(5, 0.3 * len(shown) + 1)
     ax = fig.add_subplot(1, 1, 1)
-    ax.barh(range(len(p)), p, color=["C1" if i == p.argmax() else "C0" for i in range(len(p))])
-    ax.set_yticks(range(len(p)), [str(n) for n in class_names])
+    best = int(p.argmax())
+    ax.barh(range(len(shown)), p[shown], color=["C1" if i == best else "C0" for i in shown])
+    ax.set_yticks(range(len(shown)), [str(class_names[i]) for i in shown])
     ax.invert_yaxis()
-    for i, v in enumerate(p):
-        ax.text(min(v, 0.85) + 0.01, i, f"{v:.3f}", va="center", fontsize=8)
+    for row, v in enumerate(p[shown]):
+        ax.text(min(v, 0.85) + 0.01, row, f"{v:.3f}", va="center", fontsize=8)
     ax.set_xlim(0, 1)
     ax.set_xlabel("probability")
     if title:

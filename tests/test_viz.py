@@ -85,8 +85,9 @@ def test_plot_shift_robustness(tmp_path):
     assert_png(viz.plot_shift_robustness(table, tmp_path / "shift.png"))
 
 
-def test_read_metrics_bins_fractional_epochs(tmp_path):
-    """Train records logged mid-epoch (the engine's format) count towards the epoch they end."""
+def test_read_metrics_keeps_fractional_epochs(tmp_path):
+    """Train records logged mid-epoch (the engine's format) stay at their own fractional epoch
+    (they were rounded up to the next whole epoch: 0.64 epochs plotted at 1.00)."""
     records = [
         {"step": 5, "split": "train", "epoch": 0.5, "loss": 2.0, "accuracy": 0.2},
         {"step": 10, "split": "train", "epoch": 1.0, "loss": 1.0, "accuracy": 0.4},
@@ -96,5 +97,117 @@ def test_read_metrics_bins_fractional_epochs(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     curves = viz.read_metrics(path)
-    assert curves["train"]["loss"] == [(1, 1.5), (2, 0.5)]
-    assert curves["test"]["accuracy"] == [(1, 0.3)]
+    assert curves["train"]["loss"] == [(0.5, 2.0), (1.0, 1.0), (1.5, 0.5)]
+    assert curves["test"]["accuracy"] == [(1.0, 0.3)]
+
+
+def test_read_metrics_skips_damaged_lines(tmp_path):
+    """A line that is JSON but not an object, or not UTF-8, is skipped like a cut-short line
+    (a list raised AttributeError; a non-UTF-8 byte a UnicodeDecodeError: no curves at all)."""
+    path = tmp_path / "metrics.jsonl"
+    good = json.dumps({"step": 3, "split": "train", "epoch": 0.25, "loss": 2.0}).encode()
+    path.write_bytes(b"[1, 2]\n7\n" + b'{"step": 1, "loss": "\xff\xfe"}\n' + good + b"\n")
+    assert viz.read_metrics(path) == {"train": {"loss": [(0.25, 2.0)]}}
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The matplotlib Figures the plot functions save, in order (to check what they draw)."""
+    saved, real_save = [], viz._save
+
+    def save(fig, path):
+        saved.append(fig)
+        return real_save(fig, path)
+
+    monkeypatch.setattr(viz, "_save", save)
+    return saved
+
+
+def engine_records(epoch, step=16):
+    """What the training engine logs at `epoch` (fractional): a train and a test record."""
+    return [
+        {"step": step, "split": "train", "epoch": epoch, "loss": 2.1, "accuracy": 0.3},
+        {"step": step, "split": "test", "epoch": epoch, "loss": 2.0, "accuracy": 0.35},
+    ]
+
+
+def test_training_curves_after_part_of_an_epoch(tmp_path, figures):
+    """After 0.64 epochs the single points sit at x = 0.64 (they were drawn at 1.00), as visible
+    markers, under a title naming the run; the axis starts at 0."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    config = {"experiment": "lenet5_digits", "model": {"name": "lenet5"}}
+    (workdir / "config.json").write_text(json.dumps({**config, "dataset": {"name": "digits"}}))
+    (workdir / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in engine_records(0.64))
+    )
+    assert_png(viz.plot_training_curves(workdir / "metrics.jsonl", tmp_path / "curves.png"))
+    (fig,) = figures
+    assert fig._suptitle.get_text() == "lenet5_digits (lenet5 on digits): 0.64 epochs"
+    loss_ax, accuracy_ax = fig.axes
+    for ax, values in ((loss_ax, {"train": 2.1, "test": 2.0}), (accuracy_ax, {})):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert set(lines) == {"train", "test"}
+        for line in lines.values():
+            assert list(line.get_xdata()) == [0.64]
+            assert line.get_marker() not in (None, "", "None", " ") and line.get_markersize() >= 4
+        for split, value in values.items():
+            assert list(lines[split].get_ydata()) == [value]
+        assert ax.get_xlabel() == "epoch"
+        assert ax.get_xlim()[0] == 0 and ax.get_xlim()[1] > 0.64
+
+
+def test_training_curves_x_is_each_points_own_epoch(tmp_path, figures):
+    """Points logged every 0.25 epoch are plotted at 0.25, 0.5, ... (not binned per epoch);
+    without a config.json the title names the folder; steps when records have no epoch."""
+    records = [r for e in (0.25, 0.5, 0.75, 1.0, 1.25) for r in engine_records(e)]
+    metrics = tmp_path / "my_run" / "metrics.jsonl"
+    metrics.parent.mkdir()
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    viz.plot_training_curves(metrics, tmp_path / "curves.png")
+    viz.plot_training_curves(metrics, tmp_path / "curves2.png", title="mine")
+    for line in figures[0].axes[0].get_lines():
+        assert list(line.get_xdata()) == [0.25, 0.5, 0.75, 1.0, 1.25]
+    assert figures[0]._suptitle.get_text() == "my_run: 1.25 epochs"
+    assert figures[1]._suptitle.get_text() == "mine"
+    metrics.write_text(json.dumps({"step": 40, "train_loss": 1.0}) + "\n")
+    viz.plot_training_curves(metrics, tmp_path / "curves3.png")
+    ax = figures[2].axes[0]
+    assert ax.get_xlabel() == "step" and list(ax.get_lines()[0].get_xdata()) == [40]
+    assert figures[2]._suptitle.get_text() == "my_run: 40 steps"
+
+
+def row_labels(fig):
+    return [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()]
+
+
+def test_feature_maps_say_how_many_channels_they_show(tmp_path, figures):
+    """A layer with more channels than shown says '8 of 16 channels' (it showed 8 silently)."""
+    acts = {
+        "input": rng.normal(size=(32, 32, 1)),
+        "conv1": rng.normal(size=(28, 28, 6)),
+        "conv2": rng.normal(size=(1, 10, 10, 16)),
+    }
+    viz.plot_feature_maps(acts, tmp_path / "maps.png", title="test image 3")
+    (fig,) = figures
+    assert row_labels(fig) == ["input 32x32x1", "conv1 28x28x6", "conv2 10x10x16\n8 of 16 channels"]
+    assert len(fig.axes) == 1 + 6 + 8
+
+
+def test_filters_and_probabilities_say_what_they_leave_out(tmp_path, figures):
+    """96 filters show 64 'first 64 of 96'; 1000 classes show the 20 most probable 'top 20 of
+    1000' (a 1000-bar, 300-inch-tall picture before), the most probable first."""
+    viz.plot_filters(rng.normal(size=(3, 3, 3, 96)), tmp_path / "f.png", title="conv1")
+    assert figures[0]._suptitle.get_text() == "conv1 (first 64 of 96 filters)"
+    viz.plot_filters(rng.normal(size=(3, 3, 3, 6)), tmp_path / "g.png", title="conv1")
+    assert figures[1]._suptitle.get_text() == "conv1"
+    p = rng.random(1000)
+    viz.plot_probabilities(p, [f"c{i}" for i in range(1000)], tmp_path / "p.png", title="img")
+    ax = figures[2].axes[0]
+    assert ax.get_title() == "img (top 20 of 1000 classes)"
+    top = np.argsort(-p)[:20]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [f"c{i}" for i in top]
+    assert [bar.get_width() for bar in ax.patches] == pytest.approx(p[top])
+    viz.plot_probabilities(p[:10], [str(i) for i in range(10)], tmp_path / "q.png")
+    ax = figures[3].axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [str(i) for i in range(10)]
