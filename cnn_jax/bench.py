@@ -183,7 +183,7 @@ class TrainBenchmark:
         from cnn_jax.models.summary import count_params
         from cnn_jax.train import optimizers
         from cnn_jax.train.compile import BACKENDS
-        from cnn_jax.train.feeders import ResidentFeeder, check_batch_sizes
+        from cnn_jax.train.feeders import ResidentFeeder, check_batch_memory, check_batch_sizes
         from cnn_jax.train.loop import compile_for
         from cnn_jax.train.loop import steps_per_call as default_group
         from cnn_jax.train.restore import build_model, fast_paths_wanted
@@ -215,6 +215,11 @@ class TrainBenchmark:
             raise ConfigError(
                 f"input_shape={input_shape!r} is not valid; expected (H, W, C) positive integers"
             )
+        check_batch_memory("batch_size", batch_size, input_shape)
+        check_batch_memory(
+            "batch_size x steps", batch_size * steps, input_shape, what="synthetic dataset",
+            dtype="uint8",
+        )  # fmt: skip
         devices = jax.devices()
         self.model_name, self.batch_size, self.steps = model_name, batch_size, steps
         self.input_shape, self.dtype, self.backend = input_shape, dtype, backend
@@ -241,8 +246,8 @@ class TrainBenchmark:
         channels = input_shape[-1]
         mean, std = (0.5,) * channels, (0.25,) * channels
 
-        def preprocess(images_u8, key, train):
-            return augment.preprocess(images_u8, key, train=train, mean=mean, std=std)
+        def preprocess(images_u8, key, train, part=None):
+            return augment.preprocess(images_u8, key, train=train, mean=mean, std=std, part=part)
 
         rng = np.random.default_rng(seed)
         images = rng.integers(0, 256, (steps * batch_size, *input_shape), dtype=np.uint8)

@@ -180,12 +180,22 @@ def load_config(name_or_path: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
+    except SystemExit as e:
+        raise ConfigError(
+            f"config file {str(path)!r} called sys.exit({e.code!r}) while loading; a config "
+            "file must define get_config(), not end the program"
+        ) from None
     except Exception as e:  # a broken config file is a user error, not a crash
         raise _file_error(e, path, spec.origin, "could not load config file {where}") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {str(path)!r} defines no get_config() function")
     try:
         config = module.get_config()
+    except SystemExit as e:  # would end the command silently, with the file's exit status
+        raise ConfigError(
+            f"get_config() in {str(path)!r} called sys.exit({e.code!r}); a config file must "
+            "return a config, not end the program"
+        ) from None
     except Exception as e:
         raise _file_error(e, path, spec.origin, "get_config() in {where} failed") from e
     if not isinstance(config, ConfigDict):
@@ -488,6 +498,12 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
             ok = value is not None
         _check(ok, key, value, _expected(default))
     c, t, o, d, ck = checked, checked.train, checked.optimizer, checked.dataset, checked.checkpoint
+    _check(-(2**63) <= c.seed < 2**63, "seed", c.seed, "an integer in [-2**63, 2**63)")
+    if "num_classes" in c.model.options:
+        raise ConfigError(
+            "model.options.num_classes cannot be set: the number of classes comes from the "
+            "dataset (choose classes with dataset.classes, or dataset.synthetic_classes)"
+        )
     fast = c.model.fast_paths
     _check(fast in FAST_PATHS, "model.fast_paths", fast, f"one of {FAST_PATHS}")
     _check(t.batch_size > 0, "train.batch_size", t.batch_size, "an integer > 0")

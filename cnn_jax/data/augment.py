@@ -39,9 +39,20 @@ def resize(images, image_size: int | Sequence[int]) -> jax.Array:
     return jax.image.resize(x, (n, h, w, c), method="bilinear", antialias=True)
 
 
-def random_crop(images, key: jax.Array, padding: int) -> jax.Array:
+def _draws(draw, n: int, part: tuple | None) -> jax.Array:
+    """draw(num_examples) for this batch: the whole batch's, or, for `part` = (start, total),
+    rows start..start+n of the draw for `total` examples (a device's share of a global batch,
+    so the randomness does not depend on how the batch is split over devices)."""
+    if part is None:
+        return draw(n)
+    start, total = part
+    return jax.lax.dynamic_slice_in_dim(draw(total), start, n)
+
+
+def random_crop(images, key: jax.Array, padding: int, *, part: tuple | None = None) -> jax.Array:
     """Pads by `padding` zero pixels on each side, then crops each example back to [H, W] at a
-    random offset in [0, 2 * padding] (a shift of up to `padding` pixels). Same dtype."""
+    random offset in [0, 2 * padding] (a shift of up to `padding` pixels). Same dtype.
+    `part` = (start, total): `images` are examples start.. of a batch of `total`."""
     _check_batch(images)
     if padding < 0:
         raise ShapeError(f"padding={padding!r}: expected an integer >= 0")
@@ -49,7 +60,7 @@ def random_crop(images, key: jax.Array, padding: int) -> jax.Array:
         return images
     n, h, w, c = images.shape
     padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    offsets = jax.random.randint(key, (n, 2), 0, 2 * padding + 1)
+    offsets = _draws(lambda m: jax.random.randint(key, (m, 2), 0, 2 * padding + 1), n, part)
 
     def crop(image, offset):
         return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
@@ -57,10 +68,11 @@ def random_crop(images, key: jax.Array, padding: int) -> jax.Array:
     return jax.vmap(crop)(padded, offsets)
 
 
-def random_flip(images, key: jax.Array) -> jax.Array:
-    """Mirrors each example left-right with probability 1/2. Same dtype."""
+def random_flip(images, key: jax.Array, *, part: tuple | None = None) -> jax.Array:
+    """Mirrors each example left-right with probability 1/2. Same dtype. `part`: as for
+    `random_crop`."""
     _check_batch(images)
-    flip = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
+    flip = _draws(lambda m: jax.random.bernoulli(key, 0.5, (m, 1, 1, 1)), images.shape[0], part)
     return jnp.where(flip, images[:, :, ::-1, :], images)
 
 
@@ -87,13 +99,15 @@ def preprocess(
     image_size: int | Sequence[int] | None = None,
     crop_padding: int = 0,
     flip: bool = False,
+    part: tuple | None = None,
 ) -> jax.Array:
     """uint8 [N, H, W, C] -> float32 model input [N, S, S, C].
 
     Resize to `image_size` (if given and different), then, when `train`, a random crop with
     `crop_padding` and a random horizontal flip (if `flip`), then per-channel normalisation.
     Evaluation (`train=False`) ignores the key. `train`, `image_size`, `crop_padding` and `flip`
-    must be static under jit.
+    must be static under jit. `part` = (start, total): the batch is examples start.. of a global
+    batch of `total` (one device's share under pmap), augmented as they would be in the whole.
     """
     _check_batch(images_u8)
     x = images_u8.astype(jnp.float32)
@@ -101,7 +115,7 @@ def preprocess(
         x = resize(x, image_size)
     if train:
         crop_key, flip_key = jax.random.split(key)
-        x = random_crop(x, crop_key, crop_padding)
+        x = random_crop(x, crop_key, crop_padding, part=part)
         if flip:
-            x = random_flip(x, flip_key)
+            x = random_flip(x, flip_key, part=part)
     return normalize(x, mean, std)

@@ -20,6 +20,7 @@ results and the shapes needed to rebuild the model. The run's config is `<workdi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -45,6 +46,39 @@ class DamagedCheckpointError(CheckpointError):
 
 class IncompatibleCheckpointError(CheckpointError):
     """A checkpoint of a different model or optimizer (shapes or entries differ)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (no space, no permission, read-only file system); the
+    earlier checkpoints are untouched."""
+
+
+# Messages of TensorStore's write errors (raised as ValueError) that mean the storage refused.
+_STORAGE_REFUSALS = ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "No space left", "Read-only")
+
+
+def _write_failure(directory: Path, error: BaseException) -> CheckpointWriteError | None:
+    """A `CheckpointWriteError` for an error that says the storage refused a write, else None."""
+    if isinstance(error, OSError):
+        reason = error.strerror or str(error)
+        where = error.filename or directory
+    elif isinstance(error, (ValueError, RuntimeError)) and any(
+        m in str(error) for m in _STORAGE_REFUSALS
+    ):
+        text = str(error)
+        reason = (
+            "No space left on device"
+            if "No space left" in text or "RESOURCE_EXHAUSTED" in text
+            else text.splitlines()[0]
+        )
+        where = directory
+    else:
+        return None
+    return CheckpointWriteError(
+        f"could not write a checkpoint under {str(where)!r}: {reason}. The earlier checkpoints "
+        "are kept; free some space or fix the folder's permissions, then run the same command "
+        "again to resume"
+    )
 
 
 def _path_str(path) -> str:
@@ -123,6 +157,10 @@ class CheckpointStore:
                 ]
             ),
             enable_async_checkpointing=async_save,
+            # Created in the caller's thread, a directory that cannot be made raises in `save`;
+            # made in the background, its failure left Orbax's writer threads waiting for it
+            # (20 minutes) and kept the process alive.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
             cleanup_tmp_directories=not read_only,  # leftovers of a killed async save
             # Readers never save; Orbax's own read_only mode would only add log warnings.
             create=not read_only,
@@ -133,6 +171,7 @@ class CheckpointStore:
         )
         # Naming the handlers lets a fresh process read metadata before any save/restore.
         self.read_only = read_only
+        self._write_error: CheckpointWriteError | None = None
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=options,
@@ -148,6 +187,10 @@ class CheckpointStore:
     # -- queries -----------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
+
+    def reload(self) -> None:
+        """Lists the steps on disk again (another process may have saved or removed some)."""
+        self.manager.reload()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -205,19 +248,41 @@ class CheckpointStore:
         if step in self.manager.all_steps():
             return False
         metrics = {k: float(v) for k, v in (eval_metrics or {}).items()}
-        self.manager.wait_until_finished()  # as `manager.save` would; then nothing moves old
-        self._purge_deleted()  # steps into `deleting/` while it is emptied
-        variables, train = _split_state(state)
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                variables=ocp.args.StandardSave(variables),
-                train=ocp.args.StandardSave(train),
-                meta=ocp.args.JsonSave(_jsonable(meta)),
-            ),
-            metrics=metrics,
-            force=True,
-        )
+        with self._writing():
+            self.manager.wait_until_finished()  # as `manager.save` would; then nothing moves
+            self._purge_deleted()  # old steps into `deleting/` while it is emptied
+            variables, train = _split_state(state)
+            return self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    variables=ocp.args.StandardSave(variables),
+                    train=ocp.args.StandardSave(train),
+                    meta=ocp.args.JsonSave(_jsonable(meta)),
+                ),
+                metrics=metrics,
+                force=True,
+            )
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Turns a refused write into one `CheckpointWriteError` (raised once: later waits
+        and `close` then stay quiet, so the first message is the one reported)."""
+        if self._write_error is not None:
+            raise self._write_error
+        try:
+            yield
+        except Exception as e:
+            failure = _write_failure(self.directory, e)
+            if failure is None:
+                raise
+            self._write_error = failure
+            raise failure from None
+
+    def check_pending(self) -> None:
+        """Raises `CheckpointWriteError` if a background save has failed; never blocks."""
+        if self.manager is not None and not self.manager.is_saving_in_progress():
+            with self._writing():
+                self.manager.wait_until_finished()
 
     def read_meta(self, step: int) -> dict:
         try:
@@ -305,16 +370,28 @@ class CheckpointStore:
 
     def wait(self) -> None:
         """Blocks until every pending asynchronous save is on disk."""
-        self.manager.wait_until_finished()
+        with self._writing():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending writes and releases the manager (safe to call twice)."""
-        if self.manager is not None:
-            self.manager.wait_until_finished()
-            self.manager.close()
+        """Waits for pending writes and releases the manager (safe to call twice). After a
+        failed write it only releases: the failure has been raised already."""
+        if self.manager is None:
+            return
+        manager = self.manager
+        try:
+            if self._write_error is None:
+                with self._writing():
+                    manager.wait_until_finished()
+        finally:
             self.manager = None
-            if not self.read_only:
-                self._purge_deleted()
+            try:
+                manager.close()
+            except Exception as e:
+                if _write_failure(self.directory, e) is None:
+                    raise
+        if not self.read_only and self._write_error is None:
+            self._purge_deleted()
 
     def _purge_deleted(self) -> None:
         """Removes the old checkpoints Orbax has renamed into `deleting/` (process 0)."""

@@ -101,14 +101,19 @@ def _step_bodies(model, tx, preprocess, settings, *, axis_name, constrain, micro
     )
     eval_step = steps_lib.make_eval_step(model, axis_name=axis_name)
 
-    def aug_key(step):
+    def augmented(images, step):
+        """The step's augmentation of the global batch, whoever holds which part of it: under
+        pmap each device takes its rows of the global draw, so both back ends see the same
+        data at every device count."""
         key = jax.random.fold_in(settings.aug_key, step)
-        if axis_name is not None:  # a different augmentation on every device
-            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-        return key
+        if axis_name is None:
+            return preprocess(images, key, True)
+        local = images.shape[0]
+        part = (jax.lax.axis_index(axis_name) * local, local * jax.lax.axis_size(axis_name))
+        return preprocess(images, key, True, part=part)
 
     def train(state, sums, batch):
-        images = constrain(preprocess(batch["image"], aug_key(state.step), True))
+        images = constrain(augmented(batch["image"], state.step))
         step = state.step
         state, metrics = train_step(state, {"image": images, "label": batch["label"]})
         return state, _accumulate(sums, metrics, step)
@@ -196,9 +201,10 @@ def compile_pmap(
 
     Differences from `jit` (both from per-device execution): BatchNorm normalises with each
     device's own batch statistics (running averages are then averaged over devices), and
-    dropout / augmentation draw per-device random numbers (`fold_in(key, device_index)`).
-    Without BatchNorm, dropout and random augmentation, both give the same updates up to
-    float32 rounding. `jax.pmap` takes no compiler options.
+    dropout draws per-device random numbers (`fold_in(key, device_index)`). Augmentation is the
+    same as jit's (each device takes its rows of the global batch's draw). Without BatchNorm and
+    dropout, both give the same updates up to float32 rounding. `jax.pmap` takes no compiler
+    options.
     """
     devices = list(jax.devices() if devices is None else devices)
     local_devices = [d for d in devices if d.process_index == jax.process_index()]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,9 +29,12 @@ from cnn_jax.data import augment, order
 from cnn_jax.data.feeding import check_batch_size, pad_to_batches, prefetch_to_device
 from cnn_jax.data.loading import load_split_arrays
 from cnn_jax.data.registry import choose_feeder, get_dataset_info
+from cnn_jax.errors import ConfigError
 
-# preprocess(images_u8 [B, H, W, C], key, train) -> float32 [B, H', W', C]
-PreprocessFn = Callable[[jax.Array, jax.Array, bool], jax.Array]
+# preprocess(images_u8 [B, H, W, C], key, train[, part=(start, total)]) -> float32 [B, H', W', C]
+# `part` (pmap only): the batch is rows start.. of a global batch of `total`, to be augmented as
+# those rows of the whole would be (see `augment.preprocess`).
+PreprocessFn = Callable[..., jax.Array]
 
 
 def make_preprocess(config, info) -> PreprocessFn:
@@ -72,6 +76,37 @@ def check_batch_sizes(config, num_devices: int) -> None:
         num_devices,
         key="train.batch_size / train.grad_accum_steps",
     )
+
+
+def effective_eval_batch(eval_batch_size: int, num_eval: int, multiple: int) -> int:
+    """`train.eval_batch_size`, capped at the eval split rounded up to a multiple of the
+    devices: a larger batch would evaluate the same examples with only padding added (and a
+    huge setting would allocate that padding)."""
+    return max(multiple, min(eval_batch_size, -(-num_eval // multiple) * multiple))
+
+
+def host_memory_bytes() -> int | None:
+    """Physical memory of this machine, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_batch_memory(
+    key: str, batch: int, image_shape, *, what: str = "batch", dtype: str = "float32"
+) -> None:
+    """`ConfigError` naming `key` when `batch` images of `image_shape` alone would exceed this
+    machine's memory: said before any data is loaded or compiled."""
+    needed = np.dtype(dtype).itemsize * batch * math.prod(int(n) for n in image_shape)
+    available = host_memory_bytes()
+    if available is not None and needed > available:
+        shape = "x".join(str(int(n)) for n in image_shape)
+        raise ConfigError(
+            f"{key}: one {what} of {batch:,} {dtype} images of {shape} needs "
+            f"{needed / 2**30:,.1f} GiB, more than this machine's {available / 2**30:,.1f} GiB; "
+            "use a smaller value"
+        )
 
 
 @dataclasses.dataclass
@@ -160,13 +195,17 @@ def make_feeder(config, num_devices: int, *, eval_only: bool = False) -> Feeder:
     classes = list(d.classes) or None
     train_split = d.train_split or info.train_split
     eval_split = d.eval_split or info.test_split
+    image_shape = model_image_shape(config, info)
+    check_batch_memory(
+        "dataset.image_size" if d.image_size else "train.batch_size", int(t.batch_size), image_shape
+    )
+    multiple = num_devices  # all devices of all processes
     common = {
         "name": info.name,
-        "image_shape": model_image_shape(config, info),
+        "image_shape": image_shape,
         "num_classes": len(classes) if classes else info.num_classes,
         "preprocess": make_preprocess(config, info),
         "batch_size": int(t.batch_size),
-        "eval_batch_size": int(t.eval_batch_size),
     }
     load = functools.partial(
         load_split_arrays, d.name, data_dir=data_dir, classes=classes, config=config
@@ -174,10 +213,12 @@ def make_feeder(config, num_devices: int, *, eval_only: bool = False) -> Feeder:
     if choose_feeder(info, config) == "device":
         eval_arrays = load(eval_split)
         train_arrays = (eval_arrays[0][:0], eval_arrays[1][:0]) if eval_only else load(train_split)
+        num_eval = len(eval_arrays[1])
         return ResidentFeeder(
             kind="device",
             num_train=len(train_arrays[1]),
-            num_eval=len(eval_arrays[1]),
+            num_eval=num_eval,
+            eval_batch_size=effective_eval_batch(int(t.eval_batch_size), num_eval, multiple),
             train_arrays=train_arrays,
             eval_arrays=eval_arrays,
             **common,
@@ -186,13 +227,14 @@ def make_feeder(config, num_devices: int, *, eval_only: bool = False) -> Feeder:
 
     processes = jax.process_count()
     shard = (jax.process_index(), processes)
-    local_eval_batch = int(t.eval_batch_size) // processes
     count = functools.partial(
         _count_examples, info, classes=classes, data_dir=data_dir, config=config
     )
     # Train shards are made equal (drop remainder), so the global epoch is processes x shard.
     num_train = 0 if eval_only else count(train_split, shard=shard, drop_remainder=True) * processes
     num_eval = count(eval_split)
+    eval_batch = effective_eval_batch(int(t.eval_batch_size), num_eval, multiple)
+    local_eval_batch = eval_batch // processes
     # Every process must run the same number of eval steps (collectives): pad with empty batches.
     eval_steps = math.ceil(math.ceil(num_eval / processes) / local_eval_batch)
     source = {
@@ -217,6 +259,7 @@ def make_feeder(config, num_devices: int, *, eval_only: bool = False) -> Feeder:
         open_eval=lambda: streaming.eval_batches(
             d.name, eval_split, batch_size=local_eval_batch, num_batches=eval_steps, **source
         ),
+        eval_batch_size=eval_batch,
         **common,
     )
 

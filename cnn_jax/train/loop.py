@@ -20,8 +20,8 @@ from cnn_jax import config as config_lib
 from cnn_jax import fast_paths, parallel
 from cnn_jax.errors import CheckpointError, CnnJaxError
 from cnn_jax.models.summary import count_params
-from cnn_jax.train import optimizers
-from cnn_jax.train.checkpoints import CheckpointStore, DamagedCheckpointError
+from cnn_jax.train import optimizers, resume
+from cnn_jax.train.checkpoints import CheckpointStore, DamagedCheckpointError, _sync_processes
 from cnn_jax.train.compile import BACKENDS, TRAIN_SUMS, Compiled, StepSettings
 from cnn_jax.train.feeders import Feeder, make_feeder
 from cnn_jax.train.metric_writers import MetricWriter
@@ -30,7 +30,7 @@ from cnn_jax.train.restore import build_model, fast_paths_wanted
 from cnn_jax.train.signals import StopSignals
 from cnn_jax.train.state import abstract_train_state
 from cnn_jax.train.steps import EVAL_SUMS, summarize_eval
-from cnn_jax.train.workdir import WorkdirLock, ensure_writable
+from cnn_jax.train.workdir import WorkdirLock, ensure_writable, write_atomically
 
 
 class TrainingDivergedError(CnnJaxError):
@@ -195,7 +195,13 @@ def _is_better(metrics: dict, best: dict | None, key: str, mode: str) -> bool:
 
 
 def train_and_evaluate(
-    config, workdir: str | Path, *, max_steps: int | None = None, reporter: Reporter | None = None
+    config,
+    workdir: str | Path,
+    *,
+    max_steps: int | None = None,
+    reporter: Reporter | None = None,
+    start_over: bool = False,
+    resume_with_changed_config: bool = False,
 ) -> dict:
     """Trains and evaluates the configured model, resuming from `workdir` if it has checkpoints.
 
@@ -204,9 +210,16 @@ def train_and_evaluate(
     run, so resuming later continues exactly). SIGTERM/SIGINT save a checkpoint and return
     with results['interrupted'] = True.
 
+    A workdir is only resumed with the config its checkpoints were made with, apart from the
+    keys in `resume.RESUME_SAFE_KEYS`; `resume_with_changed_config` allows any change and
+    records it in the checkpoints' meta ('config_changes'). A workdir with results but no
+    usable checkpoint raises `CheckpointError` unless `start_over`, which first moves its
+    contents into `previous-runs/<time>/`.
+
     Returns: final_test_accuracy, final_test_loss, final_test_top5_accuracy, best_test_accuracy,
     best_step, steps, epochs, total_steps, wall_time_s, images_per_sec (training, after the
-    first compiled call), num_params, num_devices, num_processes, interrupted, resumed_from,
+    first compiled call), num_params, num_devices, num_processes, interrupted, interrupted_by
+    ("SIGTERM" | "SIGINT" | None), resumed_from,
     damaged_checkpoints.
     """
     wall_start = time.time()
@@ -220,19 +233,10 @@ def train_and_evaluate(
     if is_main:
         lock.acquire()
     try:
-        # -- what this run is: data, model, optimizer, compiled steps ----------------------------
-        devices = jax.devices()
-        feeder = make_feeder(config, len(devices))
-        spe = feeder.steps_per_epoch
-        num_total = total_steps(config, spe)
-        end_step = min(num_total, int(max_steps)) if max_steps else num_total
-        config.model.fast_paths = "on" if fast_paths_wanted(config, devices) else "off"
-        model = build_model(config, feeder.num_classes, fast_paths=config.model.fast_paths == "on")
-        tx = optimizers.make_optimizer(config, spe, num_total)
-        compiled = compile_for(config, model, tx, feeder, devices)
-        abstract_state = abstract_train_state(model, tx, feeder.image_shape)
-        num_params = count_params(abstract_state.params)
-        group = steps_per_call(config, devices)
+        # -- may this run continue what the workdir holds? (nothing is written before) ---------
+        previous_run = resume.set_aside_previous_run(workdir) if start_over and is_main else None
+        _sync_processes("cnn_jax_start_over")
+        resume.check_checkpoint_dir(workdir)
         t, ck = config.train, config.checkpoint
         store = CheckpointStore(
             workdir,
@@ -242,84 +246,124 @@ def train_and_evaluate(
             async_save=bool(ck.async_save),
         )
         writer = None
-        try:
-            # -- where it starts: the newest readable checkpoint, or a new state ----------------
-            state, start_step, meta, damaged = restore_or_init(
-                store,
-                compiled,
-                abstract_state,
-                feeder.image_shape,
-                RunKeys.from_seed(int(config.seed)).init,
-                strict=bool(ck.strict_resume),
-            )
-            if is_main:
-                (workdir / "config.json").write_text(config_lib.config_to_json(config) + "\n")
-            resumed = start_step if meta else None
-            best, last_eval = meta.get("best"), meta.get("last_eval")
-            last_saved = start_step if meta else None
-            writer = MetricWriter(workdir, resume_step=start_step, enabled=is_main)
-            reporter.on_start(
-                {
-                    "total_steps": num_total,
-                    "end_step": end_step,
-                    "start_step": start_step,
-                    "resumed_from": resumed,
-                    "damaged_checkpoints": damaged,
-                    "steps_per_epoch": spe,
-                    "num_params": num_params,
-                    "input_shape": feeder.image_shape,
-                    "num_classes": feeder.num_classes,
-                    "num_devices": len(devices),
-                    "num_processes": jax.process_count(),
-                    "backend": compiled.name,
-                    "feeder": feeder.kind,
-                    "workdir": str(workdir),
-                }
-            )
+        with StopSignals() as stop:
+            try:
+                devices = jax.devices()
+                config.model.fast_paths = "on" if fast_paths_wanted(config, devices) else "off"
+                if store.all_steps():
+                    changes = resume.check_config(
+                        workdir, config, allow_changes=resume_with_changed_config
+                    )
+                else:
+                    changes = {}
+                    resume.refuse_scratch_over_results(workdir)
 
-            def evaluate(step: int) -> dict:
-                nonlocal best, last_eval
-                metrics = evaluate_variables(compiled, feeder, state.variables())
-                record = {"step": step, "epoch": step / spe, **metrics}
-                writer.write({**record, "split": "test", "wall_time": time.time()})
-                writer.flush()
-                last_eval = {"step": step, **metrics}
-                if _is_better(metrics, best, ck.best_metric, ck.best_mode):
-                    best = {"step": step, **metrics}
-                reporter.on_eval(step, record)
-                return metrics
-
-            def save(step: int, eval_metrics: dict | None = None) -> None:
-                """Starts an asynchronous checkpoint of `state` (with its eval, if any)."""
-                nonlocal last_saved
-                store.save(
-                    step,
-                    compiled.host(state),
-                    {
-                        "step": step,
-                        "epoch": step // spe,
-                        "data_position": {
-                            "step": step,
-                            "epoch": step // spe,
-                            "step_in_epoch": step % spe,
-                            "steps_per_epoch": spe,
-                            "examples_seen": step * feeder.batch_size,
-                        },
-                        "total_steps": num_total,
-                        "image_shape": list(feeder.image_shape),
-                        "num_classes": feeder.num_classes,
-                        "best": best,
-                        "last_eval": last_eval,
-                    },
-                    eval_metrics,
+                # -- what this run is: data, model, optimizer, compiled steps ------------------------
+                feeder = make_feeder(config, len(devices))
+                spe = feeder.steps_per_epoch
+                num_total = total_steps(config, spe)
+                end_step = min(num_total, int(max_steps)) if max_steps else num_total
+                model = build_model(
+                    config, feeder.num_classes, fast_paths=config.model.fast_paths == "on"
                 )
-                last_saved = step
+                tx = optimizers.make_optimizer(config, spe, num_total)
+                compiled = compile_for(config, model, tx, feeder, devices)
+                abstract_state = abstract_train_state(model, tx, feeder.image_shape)
+                num_params = count_params(abstract_state.params)
+                group = steps_per_call(config, devices)
+                # -- where it starts: the newest readable checkpoint, or a new state ----------------
+                state, start_step, meta, damaged = restore_or_init(
+                    store,
+                    compiled,
+                    abstract_state,
+                    feeder.image_shape,
+                    RunKeys.from_seed(int(config.seed)).init,
+                    strict=bool(ck.strict_resume),
+                )
+                if is_main:
+                    write_atomically(
+                        workdir / "config.json", config_lib.config_to_json(config) + "\n"
+                    )
+                resumed = start_step if meta else None
+                config_history = list(meta.get("config_changes") or [])
+                if changes and resumed is not None:
+                    config_history.append(
+                        {
+                            "step": start_step,
+                            "changes": {k: list(v) for k, v in changes.items()},
+                            "forced": any(not resume.is_safe_change(k) for k in changes),
+                        }
+                    )
+                best, last_eval = meta.get("best"), meta.get("last_eval")
+                last_saved = start_step if meta else None
+                writer = MetricWriter(workdir, resume_step=start_step, enabled=is_main)
+                reporter.on_start(
+                    {
+                        "total_steps": num_total,
+                        "end_step": end_step,
+                        "start_step": start_step,
+                        "resumed_from": resumed,
+                        "damaged_checkpoints": damaged,
+                        "config_changes": changes if resumed is not None else {},
+                        "previous_run": previous_run,
+                        "steps_per_epoch": spe,
+                        "num_params": num_params,
+                        "input_shape": feeder.image_shape,
+                        "num_classes": feeder.num_classes,
+                        "num_devices": len(devices),
+                        "num_processes": jax.process_count(),
+                        "backend": compiled.name,
+                        "feeder": feeder.kind,
+                        "workdir": str(workdir),
+                    }
+                )
 
-            # -- the loop ---------------------------------------------------------------------
-            step, interrupted, window = start_step, False, _Window(feeder.batch_size)
-            batches = feeder.train_batches(compiled, step) if step < end_step else None
-            with StopSignals() as stop:
+                def evaluate(step: int) -> dict:
+                    nonlocal best, last_eval
+                    metrics = evaluate_variables(compiled, feeder, state.variables())
+                    record = {"step": step, "epoch": step / spe, **metrics}
+                    writer.write({**record, "split": "test", "wall_time": time.time()})
+                    writer.flush()
+                    last_eval = {"step": step, **metrics}
+                    if _is_better(metrics, best, ck.best_metric, ck.best_mode):
+                        best = {"step": step, **metrics}
+                    reporter.on_eval(step, record)
+                    return metrics
+
+                def save(step: int, eval_metrics: dict | None = None) -> None:
+                    """Starts an asynchronous checkpoint of `state` (with its eval, if any)."""
+                    nonlocal last_saved
+                    with stop.writing():
+                        store.save(
+                            step,
+                            compiled.host(state),
+                            {
+                                "step": step,
+                                "epoch": step // spe,
+                                "data_position": {
+                                    "step": step,
+                                    "epoch": step // spe,
+                                    "step_in_epoch": step % spe,
+                                    "steps_per_epoch": spe,
+                                    "examples_seen": step * feeder.batch_size,
+                                },
+                                "total_steps": num_total,
+                                "image_shape": list(feeder.image_shape),
+                                "num_classes": feeder.num_classes,
+                                "best": best,
+                                "last_eval": last_eval,
+                                "config_changes": config_history,
+                            },
+                            eval_metrics,
+                        )
+                    last_saved = step
+
+                # -- the loop ---------------------------------------------------------------------
+                step, interrupted, window = start_step, False, _Window(feeder.batch_size)
+                batches = feeder.train_batches(compiled, step) if step < end_step else None
+                stop.arm()
                 while step < end_step:
+                    store.check_pending()  # a failed background save stops the run here
                     if stop.requested():
                         if last_saved != step:
                             save(step)
@@ -356,16 +400,17 @@ def train_and_evaluate(
                     save_due = step % every == 0 if every > 0 else epoch_end
                     if eval_metrics is not None or save_due or step == end_step:
                         save(step, eval_metrics)
-            if not interrupted and (last_eval is None or last_eval["step"] != step):
-                # e.g. resumed a run that had already finished: report its final evaluation
-                last_eval = {
-                    "step": step,
-                    **evaluate_variables(compiled, feeder, state.variables()),
-                }
-        finally:
-            store.close()  # waits for the asynchronous writes
-            if writer is not None:
-                writer.close()
+                if not interrupted and (last_eval is None or last_eval["step"] != step):
+                    # e.g. resumed a run that had already finished: report its final evaluation
+                    last_eval = {
+                        "step": step,
+                        **evaluate_variables(compiled, feeder, state.variables()),
+                    }
+            finally:
+                with stop.writing():
+                    store.close()  # waits for the asynchronous writes
+                if writer is not None:
+                    writer.close()
     finally:
         lock.release()
     last, best = last_eval or {}, best or {}
@@ -386,6 +431,7 @@ def train_and_evaluate(
         "num_devices": len(devices),
         "num_processes": jax.process_count(),
         "interrupted": interrupted,
+        "interrupted_by": stop.signal_name if interrupted else None,
         "resumed_from": resumed,
         "damaged_checkpoints": damaged,
     }

@@ -6,6 +6,9 @@ import json
 import math
 from pathlib import Path
 
+from cnn_jax.errors import CheckpointError
+from cnn_jax.train.workdir import write_atomically
+
 
 def _json_value(value):
     if isinstance(value, float) and not math.isfinite(value):
@@ -39,17 +42,32 @@ class MetricWriter:
         )
 
     def _drop_records_after(self, step: int) -> None:
+        """Rewrites metrics.jsonl without the records after `step` (atomically: a full disk
+        leaves the old file). Only the last line may be unreadable (cut short by a kill); any
+        other bad line is reported, not silently dropped."""
         if not self.path.exists():
             return
+        lines = self.path.read_bytes().splitlines()
         kept = []
-        for line in self.path.read_text().splitlines():
+        for number, raw in enumerate(lines, 1):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                if number == len(lines):
+                    continue  # a line cut short by a kill
+                raise CheckpointError(
+                    f"{self.path} line {number} is not readable JSON ({e}); repair or remove "
+                    "that line (or move the file away) to resume"
+                ) from None
+            if not isinstance(record, dict) or not isinstance(record.get("step", 0), int):
+                raise CheckpointError(
+                    f"{self.path} line {number} is not a metrics record (expected a JSON object "
+                    f"with an integer 'step', got {raw[:80].decode('utf-8', 'replace')!r}); "
+                    "repair or remove that line (or move the file away) to resume"
+                )
             if record.get("step", 0) <= step:
-                kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
+                kept.append(raw.decode("utf-8"))
+        write_atomically(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from cnn_jax import config as config_lib
 from cnn_jax.errors import CheckpointError
-from cnn_jax.train.checkpoints import CheckpointStore
+from cnn_jax.train.checkpoints import CheckpointStore, DamagedCheckpointError
 from cnn_jax.train.state import variables_of
 
 
@@ -70,6 +70,30 @@ def _restore_variables(store: CheckpointStore, step: int, model, image_shape) ->
     return variables_of(variables["params"], variables["batch_stats"])
 
 
+def _read_resolved(store: CheckpointStore, checkpoint: str | int, read):
+    """(step, read(step)) for the checkpoint `checkpoint` names. A training run may rotate that
+    step away while it is read: 'latest'/'best' are then resolved again, an explicit step is
+    reported as removed (not as damaged)."""
+    for _ in range(5):
+        step = store.resolve(checkpoint)
+        try:
+            return step, read(step)
+        except DamagedCheckpointError:
+            store.reload()
+            if step in store.all_steps():
+                raise  # still there: really damaged
+            if checkpoint not in ("latest", "best"):
+                raise CheckpointError(
+                    f"checkpoint step {step} was removed from {str(store.directory)!r} while it "
+                    "was being read (a training run keeping only its latest checkpoints?); "
+                    f"available now: {store.all_steps()}"
+                ) from None
+    raise CheckpointError(
+        f"the checkpoints in {str(store.directory)!r} kept being replaced while being read; "
+        "try again, or name a step that the training run keeps"
+    )
+
+
 def load(workdir: str | Path, checkpoint: str | int = "latest") -> tuple[Any, dict, Any]:
     """(model, variables, config) of a trained run, for inference or reuse.
 
@@ -81,11 +105,14 @@ def load(workdir: str | Path, checkpoint: str | int = "latest") -> tuple[Any, di
     workdir = Path(workdir)
     config = read_config(workdir)
     store = _open_store(workdir, config)
-    try:
-        step = store.resolve(checkpoint)
+
+    def read(step):
         meta = store.read_meta(step)
         model = build_model(config, int(meta["num_classes"]), half_precision=False)
-        variables = _restore_variables(store, step, model, meta["image_shape"])
+        return model, _restore_variables(store, step, model, meta["image_shape"])
+
+    try:
+        _, (model, variables) = _read_resolved(store, checkpoint, read)
     finally:
         store.close()
     return model, variables, config
@@ -103,11 +130,15 @@ def evaluate(workdir: str | Path, checkpoint: str | int = "latest", config=None)
     parallel.initialize_distributed()
     store = _open_store(workdir, config)
     try:
-        step = store.resolve(checkpoint)
+        store.resolve(checkpoint)  # no such checkpoint: say so before loading any data
         devices = jax.devices()
         feeder = make_feeder(config, len(devices), eval_only=True)
         model = build_model(config, feeder.num_classes, fast_paths=fast_paths_wanted(config))
-        variables = _restore_variables(store, step, model, feeder.image_shape)
+        step, variables = _read_resolved(
+            store,
+            checkpoint,
+            lambda step: _restore_variables(store, step, model, feeder.image_shape),
+        )
     finally:
         store.close()
     compiled = compile_for(config, model, None, feeder, devices)

@@ -28,6 +28,20 @@ def ensure_writable(workdir: Path) -> None:
         ) from e
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Writes `text` to a temporary file beside `path`, then renames it over `path`: a full disk
+    or a kill leaves the old file whole, never a truncated one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class WorkdirLock:
     """An exclusive `fcntl.flock` on `<workdir>/.lock`, which also records the holder's pid and
     host for the error message.

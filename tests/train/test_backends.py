@@ -14,7 +14,7 @@ from train_helpers import (
     synthetic_arrays,
 )
 
-from cnn_jax.data import order
+from cnn_jax.data import augment, order
 from cnn_jax.train.compile import BACKENDS, StepSettings
 from cnn_jax.train.feeders import ResidentFeeder
 from cnn_jax.train.loop import run_steps
@@ -24,14 +24,20 @@ N, B = 256, 32
 SPE = N // B
 
 
-def _compiled(name, devices, *, model=None, grad_accum_steps=1, tx=None):
+def _compiled(name, devices, *, model=None, grad_accum_steps=1, tx=None, preprocess=None):
     settings = StepSettings(
         data_key=jax.random.PRNGKey(1),
         aug_key=jax.random.PRNGKey(2),
         grad_accum_steps=grad_accum_steps,
     )
-    return BACKENDS[name](model or TinyCNN(), tx or optax.adam(1e-2), simple_preprocess, settings,
-                          devices)  # fmt: skip
+    return BACKENDS[name](model or TinyCNN(), tx or optax.adam(1e-2),
+                          preprocess or simple_preprocess, settings, devices)  # fmt: skip
+
+
+def _augmenting_preprocess(images_u8, key, train, part=None):
+    return augment.preprocess(
+        images_u8, key, train=train, mean=(0.5,), std=(0.25,), crop_padding=2, flip=True, part=part
+    )
 
 
 def _feeder(images, labels, eval_images=None, eval_labels=None):
@@ -70,6 +76,23 @@ def test_jit_on_8_devices_and_pmap_match_one_device(eight_devices):
     assert_trees_close(jit8.params, one.params, rtol=1e-4, atol=1e-6)
     assert_trees_close(pmap8.params, one.params, rtol=1e-4, atol=1e-6)
     assert_trees_close(pmap8.opt_state, one.opt_state, rtol=1e-4, atol=1e-6)
+
+
+def test_random_augmentation_is_the_same_under_jit_and_pmap(eight_devices):
+    """Random crops and flips: pmap used to fold the device index into the augmentation key, so
+    even on one device its runs differed from jit's (issue 12, item 22). Each device now takes
+    its rows of the global batch's draw."""
+    chunks = [3, 2]
+    runs = {
+        (name, n): _train(
+            _compiled(name, eight_devices[:n], preprocess=_augmenting_preprocess), chunks
+        )
+        for name, n in [("jit", 1), ("pmap", 1), ("pmap", 8), ("jit", 8)]
+    }
+    one, losses_one = runs["jit", 1]
+    for key, (state, losses) in runs.items():
+        np.testing.assert_allclose(losses, losses_one, rtol=1e-5, err_msg=str(key))
+        assert_trees_close(state.params, one.params, rtol=1e-4, atol=1e-6)
 
 
 def test_jit_batchnorm_and_grad_accumulation_on_8_devices_match_one_device(eight_devices):

@@ -135,7 +135,7 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(
         TrainingDivergedError, match=r"NaN or infinite at step \d+.*checkpoint \(step 4\)"
     ):
-        train_and_evaluate(diverging, tmp_path)
+        train_and_evaluate(diverging, tmp_path, resume_with_changed_config=True)
     store = CheckpointStore(tmp_path, read_only=True)
     assert store.all_steps() == [4]
     store.close()

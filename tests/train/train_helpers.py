@@ -50,9 +50,9 @@ def synthetic_arrays(n: int = 256, seed: int = 0, shape=IMAGE_SHAPE, classes: in
     return images, labels
 
 
-def simple_preprocess(images_u8, key, train):
+def simple_preprocess(images_u8, key, train, part=None):
     """uint8 -> float32 in [0, 1]; deterministic (no augmentation)."""
-    del key, train
+    del key, train, part
     return images_u8.astype(jnp.float32) / 255.0
 
 
