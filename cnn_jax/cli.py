@@ -359,10 +359,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_data_list(args: argparse.Namespace) -> int:
     from cnn_jax.data import available_datasets, get_dataset_info, resolve_data_dir
+    from cnn_jax.data.registry import imported_datasets
 
     data_dir = Path(resolve_data_dir(args.data_dir))
     rows = [("name", "tfds name", "image shape", "classes", "status")]
-    for name in available_datasets():
+    for name in [*available_datasets(), *imported_datasets(data_dir)]:
         info = get_dataset_info(name, data_dir=args.data_dir)
         if name == "synthetic":
             status = "generated"

@@ -695,6 +695,33 @@ def test_data_import_bad_image_folder(capsys, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# A dataset that is not prepared, on the streaming input path too (issue 12 item 13)
+# ----------------------------------------------------------------------------------------------
+
+NOT_PREPARED_CASES = [
+    ("streaming-mnist", ["lenet5_mnist", SET, "dataset.feeder=streaming"],
+     ("dataset 'mnist' (tfds 'mnist') is not prepared in data dir '{tfds}', and nothing is "
+      "downloaded at run time. Prepare it from files you already have with `cnn-jax data import "
+      "mnist --from PATH [--data-dir DIR]`")),
+    ("device-mnist", ["lenet5_mnist"], "dataset 'mnist' (tfds 'mnist') is not prepared"),
+    # `data import` cannot prepare ImageNet: the message says how to instead
+    ("imagenet", ["resnet50_imagenet"],
+     ("dataset 'imagenet2012' (tfds 'imagenet2012') is not prepared in data dir '{tfds}', and "
+      "nothing is downloaded at run time. `cnn-jax data import` does not read 'imagenet2012': "
+      "prepare it with tensorflow-datasets (`tfds build imagenet2012 --data_dir DIR` with its "
+      "archives in DIR/downloads/manual)")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, fragment", [c[1:] for c in NOT_PREPARED_CASES], ids=[c[0] for c in NOT_PREPARED_CASES]
+)
+def test_dataset_not_prepared(capsys, tmp_path, args, fragment):
+    argv = ["train", *args, "--workdir", tmp_path / "run", "--max-steps", "1", "--no-pictures"]
+    assert_user_error(run_cli(capsys, argv), fragment.format(tfds=tmp_path / "tfds"))
+
+
+# ----------------------------------------------------------------------------------------------
 # --help exits 0 on every subcommand (found from the parser, so new ones are covered)
 # ----------------------------------------------------------------------------------------------
 

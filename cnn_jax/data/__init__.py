@@ -6,6 +6,7 @@ Registry (`registry.py`)
   `get_dataset_info(name, config=None) -> DatasetInfo` (name, tfds_name, image_shape (H, W, C),
   num_classes, class_names, mean, std per channel in [0, 1] pixel units, train_split, test_split,
   device_resident); `available_datasets()`; unknown name -> DataError listing the names.
+  `imported_datasets(data_dir)`: the image folders imported there (found by name, too).
   `choose_feeder(info, config) -> 'device' | 'streaming'` (config.dataset.feeder, 'auto' keeps
   MNIST, Fashion-MNIST, CIFAR, digits and synthetic on the device).
 
@@ -74,6 +75,7 @@ from cnn_jax.data.registry import (
     available_datasets,
     choose_feeder,
     get_dataset_info,
+    imported_datasets,
     resolve_data_dir,
 )
 from cnn_jax.data.streaming import eval_batches, train_batches
@@ -89,6 +91,7 @@ __all__ = [
     "eval_batches",
     "get_dataset_info",
     "import_dataset",
+    "imported_datasets",
     "load_split_arrays",
     "normalize",
     "pad_to_batches",

@@ -33,7 +33,7 @@ from typing import ClassVar
 import numpy as np
 
 from cnn_jax.data import _tf
-from cnn_jax.data.registry import resolve_data_dir
+from cnn_jax.data.registry import STANDARD_IMPORTS, resolve_data_dir
 from cnn_jax.data.safe_files import ArchiveReader, restricted_pickle_load
 from cnn_jax.errors import DataError
 
@@ -423,7 +423,6 @@ def _image_folder_builder(name: str, source: Path, splits: dict, plan: dict, dat
 # ----------------------------------------------------------------------------------------------
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-STANDARD_IMPORTS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 
 
 def _is_tfds_builder(name: str) -> bool:

@@ -13,21 +13,43 @@ from typing import Any
 import numpy as np
 
 from cnn_jax.data import _tf
-from cnn_jax.data.registry import DatasetInfo, get_dataset_info, resolve_data_dir
+from cnn_jax.data.registry import (
+    STANDARD_IMPORTS,
+    DatasetInfo,
+    get_dataset_info,
+    resolve_data_dir,
+)
 from cnn_jax.errors import DataError
 
 # Datasets whose tfds builder needs no network, so they are prepared on first use.
 _BUILT_LOCALLY = ("digits",)
 _SYNTHETIC_SPLITS = {"train": 0, "test": 1}
+# tfds builders whose source files are never downloaded, only read from DIR/downloads/manual.
+_MANUAL_DOWNLOAD = ("imagenet2012",)
 
 
 def not_prepared_error(info: DatasetInfo, data_dir: str) -> DataError:
+    """The error for a dataset not prepared in `data_dir`: says how to prepare it offline."""
+    where = "or set TFDS_DATA_DIR (or dataset.data_dir) to a folder where it is prepared"
+    import_it = f"`cnn-jax data import {info.name} --from PATH [--data-dir DIR]`"
+    build = f"`tfds build {info.tfds_name} --data_dir DIR`"
+    if info.name in _MANUAL_DOWNLOAD:
+        build += " with its archives in DIR/downloads/manual"
+    if ":" in info.tfds_name:  # an image folder imported with `data import`
+        how = f"Import it (again) with {import_it}, {where}."
+    elif info.name in STANDARD_IMPORTS:
+        how = (
+            f"Prepare it from files you already have with {import_it}, {where} "
+            f"(with network access: {build})."
+        )
+    else:  # `data import` has no reader for it
+        how = (
+            f"`cnn-jax data import` does not read {info.name!r}: prepare it with "
+            f"tensorflow-datasets ({build}), {where}."
+        )
     return DataError(
         f"dataset {info.name!r} (tfds {info.tfds_name!r}) is not prepared in data dir "
-        f"{data_dir!r}, and nothing is downloaded at run time. Prepare it from files you already "
-        f"have with `cnn-jax data import {info.name} --from PATH [--data-dir DIR]`, or set "
-        f"TFDS_DATA_DIR (or dataset.data_dir) to a folder where it is prepared "
-        f"(with network access: `tfds build {info.tfds_name.split(':')[0]} --data_dir DIR`)."
+        f"{data_dir!r}, and nothing is downloaded at run time. {how}"
     )
 
 
@@ -58,7 +80,17 @@ def open_builder(info: DatasetInfo, data_dir: str | None = None, *, download: bo
                     f"{type(e).__name__}: {e}"
                 ) from e
             raise DataError(f"{not_prepared_error(info, data_dir)} Download failed: {e}") from e
-    # Not prepared: as_dataset reports it (and tfds.testing.mock_data serves mock data instead).
+    # Not prepared: as_dataset reports it (and tfds.testing.mock_data serves mock data instead),
+    # as the DataError naming `cnn-jax data import`, whoever calls it, not as tfds' AssertionError.
+    as_dataset = builder.as_dataset
+
+    def as_dataset_or_not_prepared(*args, **kwargs):
+        try:
+            return as_dataset(*args, **kwargs)
+        except AssertionError as e:  # tfds' "could not find data in ..."
+            raise not_prepared_error(info, data_dir) from e
+
+    builder.as_dataset = as_dataset_or_not_prepared
     return builder
 
 

@@ -17,6 +17,8 @@ from typing import Any
 from cnn_jax.errors import ConfigError, DataError
 
 FEEDERS = ("device", "streaming")
+# Standard datasets that `import_dataset` (`cnn-jax data import`) prepares from local files.
+STANDARD_IMPORTS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +117,8 @@ def _static_entries() -> dict[str, DatasetInfo]:
 
 
 def available_datasets() -> list[str]:
-    """Names accepted by `get_dataset_info` (besides image folders imported into a data dir)."""
+    """Names accepted by `get_dataset_info` (besides image folders imported into a data dir:
+    `imported_datasets`)."""
     return sorted([*_static_entries(), "synthetic"])
 
 
@@ -178,6 +181,30 @@ def _imported_info(name: str, data_dir: str) -> DatasetInfo | None:
                 f"imported dataset {name!r}: unreadable {version_dir}/metadata.json: {e}"
             )
     return None
+
+
+def imported_datasets(data_dir: str | os.PathLike | None = None) -> list[str]:
+    """Names of the image-folder datasets imported into `data_dir` (default: as
+    `resolve_data_dir`), i.e. those `get_dataset_info` finds there besides `available_datasets`."""
+    root = Path(resolve_data_dir(data_dir))
+    try:
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:  # no data dir (yet), or not a folder
+        return []
+    return [
+        p.name
+        for p in folders
+        if p.name not in _static_entries()
+        and any(_is_image_folder_version(v) for v in p.glob("*/metadata.json"))
+    ]
+
+
+def _is_image_folder_version(metadata: Path) -> bool:
+    try:
+        meta = json.loads(metadata.read_text())
+    except (OSError, ValueError):
+        return False  # damaged: using it by name reports the file
+    return isinstance(meta, dict) and bool(meta.get("cnn_jax_image_folder"))
 
 
 def get_dataset_info(name: str, config: Any = None, *, data_dir: str | None = None) -> DatasetInfo:

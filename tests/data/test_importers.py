@@ -119,6 +119,19 @@ def test_image_tree_round_trip_png_with_splits(tmp_path):
     assert x.shape == (3, 5, 6, 3) and sorted(y.tolist()) == [0, 1, 1]
 
 
+def test_data_list_shows_imported_image_folders(tmp_path, capsys):
+    """`cnn-jax data list` lists an imported image folder like the standard datasets (issue 12
+    item 19: it was missing, though training on it worked)."""
+    from cnn_jax import cli
+
+    make_image_tree(tmp_path / "tree", {"train": {"cat": 2, "dog": 1}, "test": {"cat": 1}})
+    import_dataset("pets", tmp_path / "tree", tmp_path / "data")
+    assert cli.main(["data", "list", "--data-dir", str(tmp_path / "data")]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()}
+    assert rows["pets"] == ["pets:1.0.0", "5x6x3", "2", "prepared"]
+    assert rows["mnist"][-2:] == ["not", "prepared"]
+
+
 def test_image_tree_jpeg_grayscale_varying_sizes(tmp_path):
     import tensorflow as tf
 

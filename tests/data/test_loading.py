@@ -65,6 +65,22 @@ def test_not_prepared_is_a_clear_error_without_download(tmp_path, monkeypatch):
     assert str(tmp_path) in msg and "not prepared" in msg
 
 
+def test_unprepared_builder_reports_not_prepared_to_every_caller(tmp_path):
+    """`open_builder`'s builder raises the same DataError from `as_dataset` whoever calls it (the
+    streaming feeder's example count ended with tfds' AssertionError: issue 12 item 13)."""
+    from cnn_jax.data import eval_batches, train_batches
+    from cnn_jax.data.loading import open_builder
+
+    builder = open_builder(get_dataset_info("mnist"), str(tmp_path))
+    with pytest.raises(DataError, match="'mnist' .* not prepared .*cnn-jax data import mnist"):
+        builder.as_dataset(split="train")
+    with pytest.raises(DataError, match="not prepared in data dir"):
+        next(eval_batches("fashion_mnist", batch_size=4, data_dir=str(tmp_path)))
+    with pytest.raises(DataError, match="does not read 'imagenette'") as e:
+        next(train_batches("imagenette", batch_size=2, seed=0, data_dir=str(tmp_path)))
+    assert "`tfds build imagenette/160px-v2 --data_dir DIR`" in str(e.value)
+
+
 def test_data_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "env_dir"))
     with pytest.raises(DataError, match="env_dir"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from cnn_jax.config import apply_overrides, default_config
@@ -75,3 +77,22 @@ def test_choose_feeder_rejects_unknown_value():
     config.dataset.feeder = "disk"
     with pytest.raises(ConfigError, match="dataset.feeder"):
         choose_feeder(get_dataset_info("mnist"), config)
+
+
+def test_imported_datasets_are_found_in_the_data_dir(tmp_path):
+    from cnn_jax.data import imported_datasets
+
+    def version(name: str, metadata: str) -> None:
+        (tmp_path / name / "1.0.0").mkdir(parents=True)
+        (tmp_path / name / "1.0.0" / "metadata.json").write_text(metadata)
+
+    version("flowers", json.dumps({"cnn_jax_image_folder": True}))
+    version("scans", json.dumps({"cnn_jax_image_folder": True}))
+    version("other", json.dumps({"made_by": "someone else"}))  # a tfds dataset, not an import
+    version("broken", "{")  # damaged: not listed (using it by name reports the file)
+    version("mnist", json.dumps({"cnn_jax_image_folder": True}))  # standard names stay standard
+    (tmp_path / ".import-flowers-x1" / "flowers" / "1.0.0").mkdir(parents=True)
+    (tmp_path / "a_file").write_text("")
+    assert imported_datasets(tmp_path) == ["flowers", "scans"]
+    assert imported_datasets(tmp_path / "nowhere") == []
+    assert imported_datasets(tmp_path / "a_file") == []
