@@ -54,12 +54,15 @@ def read_image(
     path: str | Path, shape: tuple[int, int, int], *, invert: bool = False
 ) -> np.ndarray:
     """A PNG/JPEG file as uint8 [H, W, C] of the given shape (grayscale when C == 1, else RGB),
-    resized bilinearly; `invert` turns dark-on-light into light-on-dark (MNIST style).
+    resized bilinearly; `invert` turns dark-on-light into light-on-dark (MNIST style). 16-bit
+    greyscale is scaled to 8 bits (`cnn_jax.data.images.to_8bit`).
 
     Raises DataError for a missing, empty, non-image, corrupt or oversized (decompression bomb)
-    file.
+    file, and for 32-bit pixels (no defined range).
     """
     from PIL import Image, UnidentifiedImageError
+
+    from cnn_jax.data.images import to_mode
 
     path = Path(path)
     if not path.is_file():
@@ -69,7 +72,8 @@ def read_image(
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.Resampling.BILINEAR)
+                im = to_mode(im, "L" if c == 1 else "RGB", f"image {str(path)!r}")  # 16-bit too
+                im = im.resize((w, h), Image.Resampling.BILINEAR)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(f"image {str(path)!r} is too large to decode safely: {e}") from None
     except UnidentifiedImageError:

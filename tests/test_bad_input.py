@@ -428,6 +428,7 @@ def predict_inputs(folder: Path) -> dict[str, Path]:
     (folder / "empty.png").write_bytes(b"")
     (folder / "notes.png").write_text("these are my notes, not a picture\n")
     (folder / "a_folder.png").mkdir()
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(folder / "float.tif")
     return {
         "ok": folder / "ok.png",
         "missing": folder / "missing.png",
@@ -439,6 +440,8 @@ def predict_inputs(folder: Path) -> dict[str, Path]:
         "bomb": png_header_only(folder / "bomb.png", 50_000, 50_000),
         # 1e8 pixels: above MAX_IMAGE_PIXELS only, Pillow's DecompressionBombWarning
         "bomb_warning": png_header_only(folder / "bomb_warning.png", 10_000, 10_000),
+        # 32-bit float pixels: no defined range (16-bit ones are scaled, tests/data/test_images)
+        "float32": folder / "float.tif",
     }
 
 
@@ -450,6 +453,7 @@ PREDICT_CASES = [
     ("truncated", "could not be decoded"),
     ("bomb", "is too large to decode safely"),
     ("bomb_warning", "is too large to decode safely"),
+    ("float32", "32-bit floating-point pixels (Pillow mode 'F') have no defined range"),
 ]
 
 

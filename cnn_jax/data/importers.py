@@ -33,6 +33,7 @@ from typing import ClassVar
 import numpy as np
 
 from cnn_jax.data import _tf
+from cnn_jax.data.images import GRAY_MODES, to_8bit
 from cnn_jax.data.registry import STANDARD_IMPORTS, resolve_data_dir
 from cnn_jax.data.safe_files import ArchiveReader, restricted_pickle_load
 from cnn_jax.errors import DataError
@@ -216,7 +217,6 @@ IMAGE_EXTENSIONS = (
 )  # fmt: skip
 _SPLIT_DIRS = {"train": "train", "test": "test", "validation": "validation",
                "val": "validation", "valid": "validation"}  # fmt: skip
-_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
 def _visible_dirs(path: Path) -> list[Path]:
@@ -262,7 +262,8 @@ def scan_image_tree(source: Path) -> tuple[list[str], dict[str, list[tuple[Path,
 
 
 def _open_image(path: Path):
-    """A loaded PIL image; DataError naming the file if it is unreadable or a decompression bomb."""
+    """A loaded PIL image with 8-bit channels (16-bit greyscale scaled, `images.to_8bit`);
+    DataError naming the file if it is unreadable, a decompression bomb, or of 32-bit depth."""
     from PIL import Image
 
     try:
@@ -270,9 +271,9 @@ def _open_image(path: Path):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(path)
             image.load()
-        return image
     except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+    return to_8bit(image, str(path))
 
 
 def _pixels(image, channels: int) -> np.ndarray:
@@ -291,7 +292,7 @@ def _tree_plan(classes: list[str], splits: dict) -> dict:
             modes.add(image.mode)
             sizes.add(image.size)
             all_jpeg &= image.format == "JPEG" and image.mode in ("RGB", "L")
-    channels = 1 if modes <= set(_GRAY_MODES) else 3
+    channels = 1 if modes <= set(GRAY_MODES) else 3
     total = np.zeros(channels)
     total_sq = np.zeros(channels)
     count = 0
