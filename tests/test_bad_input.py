@@ -518,6 +518,23 @@ def _gzip_cut(files):  # a gzip stream cut in half
     files["train-images-idx3-ubyte.gz"] = Raw(data[: len(data) // 2])
 
 
+def _gzip_corrupt_block(files):  # the first deflate block header: final, reserved type 3
+    data = bytearray(gzip.compress(files["train-images-idx3-ubyte.gz"]))
+    data[10] = 0xFF
+    files["train-images-idx3-ubyte.gz"] = Raw(data)
+
+
+def _gzip_bomb(files):  # valid images, then 32 MiB of zeros: a 32 kB file
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    body = packer.compress(files["train-images-idx3-ubyte.gz"])
+    body += b"".join(packer.compress(bytes(1 << 20)) for _ in range(32)) + packer.flush()
+    files["train-images-idx3-ubyte.gz"] = Raw(body)
+
+
+def idx_header(*dims: int) -> bytes:
+    return (0x0800 | len(dims)).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
+
+
 TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
 IDX_CASES = [
     ("truncated-data", _cut(TRAIN_IMAGES, 16 + 100),
@@ -543,6 +560,22 @@ IDX_CASES = [
      "label 12 outside 0..9"),
     ("missing-file", lambda f: f.pop("t10k-labels-idx1-ubyte.gz"),
      "t10k-labels-idx1-ubyte.gz: missing (expected the IDX file t10k-labels-idx1-ubyte[.gz])"),
+    # issue 12: corrupt gzip data, sizes that overflow or exceed the limit, bombs, no images
+    ("gzip-corrupt-block", _gzip_corrupt_block,
+     ("train-images-idx3-ubyte.gz: cannot read IDX file (corrupt gzip data: Error -3 while "
+      "decompressing data: invalid block type)")),
+    ("dims-overflow-int64", _set(TRAIN_IMAGES, idx_header(2**31, 2**31, 4)),
+     ("train-images-idx3-ubyte.gz: the header declares 2147483648x2147483648x4 = "
+      "18446744073709551616 bytes of data, more than the 1073741824 bytes")),
+    ("dims-huge", _set("t10k-labels-idx1-ubyte.gz", idx_header(2**32 - 1)),
+     "t10k-labels-idx1-ubyte.gz: the header declares 4294967295 = 4294967295 bytes of data"),
+    ("gzip-bomb", _gzip_bomb,
+     ("train-images-idx3-ubyte.gz: has trailing data: the header says 12x28x28 = 9408 bytes "
+      "of data, the file holds more")),
+    ("zero-images", lambda f: f.update({"t10k-images-idx3-ubyte.gz": idx_header(0, 28, 28),
+                                        "t10k-labels-idx1-ubyte.gz": idx_header(0)}),
+     ("t10k-images-idx3-ubyte.gz: holds 0 images (the header says 0x28x28); expected at least "
+      "one")),
 ]  # fmt: skip
 
 
@@ -696,6 +729,19 @@ def test_data_import_bad_image_folder(capsys, tmp_path):
         "does not exist",
     )
     assert not (tmp_path / "tfds" / "my_pets").exists()
+
+
+@pytest.mark.parametrize(
+    "where, problem",
+    [("a_file", "is a file, not a folder"),
+     ("a_file/sub", "cannot be created: '{tmp}/a_file' is a file, not a folder")],
+)  # fmt: skip
+def test_data_import_data_dir_is_or_lies_under_a_file(capsys, tmp_path, where, problem):
+    (tmp_path / "a_file").write_text("")
+    source = write_mnist(tmp_path / "src")
+    argv = ["data", "import", "mnist", "--from", source, "--data-dir", tmp_path / where]
+    fragment = f"data dir '{tmp_path / where}' {problem.format(tmp=tmp_path)}"
+    assert_user_error(run_cli(capsys, argv), fragment)
 
 
 # ----------------------------------------------------------------------------------------------

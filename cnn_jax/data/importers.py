@@ -17,25 +17,33 @@ After `import_dataset(name, source, data_dir)`, plain `tfds.load(name, data_dir=
 
 Every import is written into a temporary folder inside data_dir and moved into place with one
 rename, so an error or a kill never leaves a half-written dataset where tfds would read it.
+Imports of one dataset into one data_dir are serialised by a lock (a second one is refused while
+the first runs), and the temporary folders of killed imports are removed by the next import.
+IDX files are read incrementally and checked against their declared sizes (decompression bombs
+cost no memory beyond MAX_IDX_BYTES); images are brought to 8 bits by `images.to_8bit`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import gzip
+import math
 import os
 import re
+import shutil
 import tempfile
 import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Self
 
 import numpy as np
 
 from cnn_jax.data import _tf
 from cnn_jax.data.images import GRAY_MODES, to_8bit
 from cnn_jax.data.registry import STANDARD_IMPORTS, resolve_data_dir
-from cnn_jax.data.safe_files import ArchiveReader, restricted_pickle_load
+from cnn_jax.data.safe_files import ArchiveReader, check_file_size, restricted_pickle_load
 from cnn_jax.errors import DataError
 
 # ----------------------------------------------------------------------------------------------
@@ -47,39 +55,73 @@ IDX_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _IDX_UBYTE = 0x08
+# The most data one IDX file may declare (MNIST's train images are 47 MB): caps the memory an
+# import of a damaged or hostile file can take.
+MAX_IDX_BYTES = 2**30
+_CHUNK = 1 << 20
+
+
+def _read_into(f, buffer: memoryview) -> int:
+    """Fills `buffer` from the binary stream `f` chunk by chunk; returns the bytes read."""
+    filled = 0
+    while filled < len(buffer):
+        n = f.readinto(buffer[filled : filled + _CHUNK])
+        if not n:
+            break
+        filled += n
+    return filled
 
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:
     """A uint8 IDX file (gzip-compressed or not) as an array with the header's dimensions.
 
-    Raises DataError naming the file for a wrong magic number, a wrong number of dimensions,
-    or data shorter or longer than the header says.
+    The stream is read incrementally, never past the size the header declares (plus one byte to
+    detect trailing data), so a decompression bomb costs no more memory than that size, which
+    may not exceed MAX_IDX_BYTES. Raises DataError naming the file for a wrong magic number, a
+    declared size over the limit, a corrupt gzip stream, or data shorter or longer than the
+    header says.
     """
+    header_size = 4 + 4 * ndim
+    expected = (_IDX_UBYTE << 8) | ndim
     try:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:  # truncated or corrupt gzip stream
+            header = bytearray(header_size)
+            got = _read_into(f, memoryview(header))
+            if got < header_size:
+                raise DataError(f"{path}: truncated IDX file: {got} bytes, shorter than its header")
+            magic = int.from_bytes(header[:4], "big")
+            if magic != expected:
+                raise DataError(
+                    f"{path}: wrong magic number 0x{magic:08x}; expected 0x{expected:08x} "
+                    f"(an IDX file of uint8 with {ndim} dimension{'s' if ndim > 1 else ''})"
+                )
+            dims = [int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+            size = math.prod(dims)  # Python ints: no overflow
+            shape = "x".join(map(str, dims))
+            if size > MAX_IDX_BYTES:
+                raise DataError(
+                    f"{path}: the header declares {shape} = {size} bytes of data, more than the "
+                    f"{MAX_IDX_BYTES} bytes an IDX file may hold here (a damaged header, or not "
+                    "an MNIST-style file)"
+                )
+            data = np.empty(size, np.uint8)
+            got = _read_into(f, memoryview(data))
+            if got < size:
+                raise DataError(
+                    f"{path}: truncated: the header says {shape} = {size} bytes of data, "
+                    f"the file holds {got}"
+                )
+            if f.read(1):
+                raise DataError(
+                    f"{path}: has trailing data: the header says {shape} = {size} bytes of "
+                    "data, the file holds more"
+                )
+    except (OSError, EOFError) as e:  # truncated gzip stream, bad CRC, unreadable file
         raise DataError(f"{path}: cannot read IDX file ({type(e).__name__}: {e})") from e
-    if len(raw) < 4 + 4 * ndim:
-        raise DataError(f"{path}: truncated IDX file: {len(raw)} bytes, shorter than its header")
-    magic = int.from_bytes(raw[:4], "big")
-    expected = (_IDX_UBYTE << 8) | ndim
-    if magic != expected:
-        raise DataError(
-            f"{path}: wrong magic number 0x{magic:08x}; expected 0x{expected:08x} "
-            f"(an IDX file of uint8 with {ndim} dimension{'s' if ndim > 1 else ''})"
-        )
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    header = 4 + 4 * ndim
-    size = int(np.prod(dims))
-    if len(raw) - header != size:
-        what = "truncated" if len(raw) - header < size else "has trailing data"
-        raise DataError(
-            f"{path}: {what}: the header says {'x'.join(map(str, dims))} = {size} bytes of data, "
-            f"the file holds {len(raw) - header}"
-        )
-    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+    except zlib.error as e:  # a corrupt deflate block
+        raise DataError(f"{path}: cannot read IDX file (corrupt gzip data: {e})") from e
+    return data.reshape(dims)
 
 
 def _find_idx(source: Path, stem: str) -> Path:
@@ -96,9 +138,14 @@ def read_idx_dataset(source: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     splits = {}
     for split, (image_stem, label_stem) in IDX_FILES.items():
         image_path, label_path = _find_idx(source, image_stem), _find_idx(source, label_stem)
-        images, labels = read_idx(image_path, 3), read_idx(label_path, 1)
+        images = read_idx(image_path, 3)
         if images.shape[1:] != (28, 28):
             raise DataError(f"{image_path}: images are {images.shape[1:]}, expected 28x28")
+        if not len(images):
+            raise DataError(
+                f"{image_path}: holds 0 images (the header says 0x28x28); expected at least one"
+            )
+        labels = read_idx(label_path, 1)
         if len(images) != len(labels):
             raise DataError(
                 f"{label_path}: {len(labels)} labels for the {len(images)} images of {image_path}"
@@ -149,6 +196,7 @@ class _CifarFiles:
         path = self.folder / basename
         if not path.is_file():
             raise DataError(f"{path}: missing (expected the CIFAR file {basename!r})")
+        check_file_size(path.stat().st_size, str(path))
         return restricted_pickle_load(path.read_bytes(), str(path)), str(path)
 
 
@@ -434,12 +482,88 @@ def _is_tfds_builder(name: str) -> bool:
         return False
 
 
+def _usable_data_dir(data_dir: Path) -> None:
+    """Creates `data_dir` if needed; DataError naming it when it is, or lies under, a file."""
+    blocker = next((p for p in (data_dir, *data_dir.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        problem = "is" if blocker == data_dir else f"cannot be created: {str(blocker)!r} is"
+        raise DataError(
+            f"data dir {str(data_dir)!r} {problem} a file, not a folder; expected a folder "
+            "(or a path where one can be created)"
+        )
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(
+            f"data dir {str(data_dir)!r} cannot be created: {e.strerror or e}; expected a "
+            "writable folder"
+        ) from e
+
+
+class _ImportLock:
+    """An exclusive `fcntl.flock` on `data_dir/.cnn_jax-import-NAME.lock` while NAME is imported.
+
+    As for workdirs (`cnn_jax.train.workdir.WorkdirLock`): taking it is atomic, the kernel
+    releases it when its holder dies, however it dies, and the file stays. So, under the lock,
+    any `.import-NAME-*` temporary folder belongs to an import that is no longer running (it was
+    killed) and is removed.
+    """
+
+    def __init__(self, data_dir: Path, name: str):
+        self.data_dir, self.name = data_dir, name
+        self.path = data_dir / f".cnn_jax-import-{name}.lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> Self:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise DataError(
+                f"data dir {str(self.data_dir)!r}: cannot create the lock file {self.path.name} "
+                f"({e.strerror or e}); expected a writable folder"
+            ) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise DataError(
+                f"dataset {self.name!r} is being imported into {str(self.data_dir)!r} by another "
+                f"process (process id {pid}); wait for it to finish (then the dataset is there), "
+                "or stop it and import again"
+            ) from None
+        except OSError as e:
+            os.close(fd)
+            raise DataError(f"cannot lock {str(self.path)!r} for the import: {e}") from e
+        self._fd = fd
+        try:  # the pid is only for the message above; a full disk must not stop the import
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError:
+            pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def stale_import_folders(data_dir: Path, name: str) -> list[Path]:
+    """The temporary folders of imports of `name` into `data_dir` (only stale ones while the
+    import lock of `name` is held, see `_ImportLock`)."""
+    return sorted(p for p in data_dir.glob(f".import-{name}-*") if p.is_dir())
+
+
 def _prepare_atomically(
     name: str, data_dir: Path, make_builder: Callable[[str], object], overwrite: bool
 ) -> Path:
     """Builds into a temporary folder inside `data_dir`, checks it reads back, then renames
-    it to data_dir/NAME/VERSION. On any error the temporary folder is removed."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    it to data_dir/NAME/VERSION. On any error the temporary folder is removed. The caller holds
+    the import lock of `name`."""
     with tempfile.TemporaryDirectory(prefix=f".import-{name}-", dir=data_dir) as tmp:
         builder = make_builder(tmp)
         final = data_dir / name / str(builder.version)
@@ -482,19 +606,15 @@ def import_dataset(
     """Prepares tfds dataset `name` in `data_dir` from local files; returns its folder
     (data_dir/NAME/VERSION). See the module docstring for the accepted sources. data_dir
     defaults to $TFDS_DATA_DIR or ~/tensorflow_datasets. Raises DataError naming the file on
-    missing, truncated or malformed input, and when the dataset is already there (unless
-    `overwrite`)."""
+    missing, truncated or malformed input, when the dataset is already there (unless
+    `overwrite`), when data_dir is (under) a file, and while another process imports `name`
+    into the same data_dir (imports of one dataset are serialised by a lock; the temporary
+    folders that killed imports left behind are removed under it)."""
     source = Path(source_path).expanduser()
     data_dir = Path(resolve_data_dir(data_dir))
     if not source.exists():
         raise DataError(f"{source}: no such file or folder")
-    if name in ("mnist", "fashion_mnist"):
-        splits = read_idx_dataset(source)
-        make = lambda tmp: _local_idx_builder(name, splits, tmp)
-    elif name in CIFAR_LAYOUT:
-        names, splits = read_cifar(name, source)
-        make = lambda tmp: _local_cifar_builder(name, names, splits, tmp)
-    else:
+    if name not in STANDARD_IMPORTS:
         if not _NAME_RE.match(name or ""):
             raise DataError(
                 f"dataset name {name!r}: expected lowercase letters, digits and '_' "
@@ -508,7 +628,25 @@ def import_dataset(
                 f"image folder; importable standard datasets: {', '.join(STANDARD_IMPORTS)}. "
                 "Choose another name for your image folder."
             )
-        classes, files = scan_image_tree(source)
-        plan = _tree_plan(classes, files)
-        make = lambda tmp: _image_folder_builder(name, source, files, plan, tmp)
-    return _prepare_atomically(name, data_dir, make, overwrite)
+    _usable_data_dir(data_dir)
+    with _ImportLock(data_dir, name):
+        for stale in stale_import_folders(data_dir, name):
+            shutil.rmtree(stale, ignore_errors=True)
+        if name in ("mnist", "fashion_mnist"):
+            splits = read_idx_dataset(source)
+            make = lambda tmp: _local_idx_builder(name, splits, tmp)
+        elif name in CIFAR_LAYOUT:
+            names, splits = read_cifar(name, source)
+            make = lambda tmp: _local_cifar_builder(name, names, splits, tmp)
+        else:
+            classes, files = scan_image_tree(source)
+            plan = _tree_plan(classes, files)
+            make = lambda tmp: _image_folder_builder(name, source, files, plan, tmp)
+        try:
+            return _prepare_atomically(name, data_dir, make, overwrite)
+        except OSError as e:  # e.g. out of space for the temporary folder or the final rename
+            where = f": {e.filename}" if e.filename else f" in {data_dir}"
+            raise DataError(
+                f"import of {name!r} failed while writing ({e.strerror or e}){where}; expected "
+                "a writable data dir with free space"
+            ) from e

@@ -7,14 +7,21 @@
   refused with a DataError naming the file.
 - `ArchiveReader`: reads members of a tar archive by name after checking every member: no
   absolute paths, no '..', no links, devices or other special files. Nothing is extracted.
+  A compressed archive is first decompressed once to its end, in chunks, so a corrupt block or
+  checksum is reported up front and an archive expanding beyond MAX_ARCHIVE_BYTES (a
+  decompression bomb) is refused without using memory; no member over MAX_MEMBER_BYTES is read.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
 import pickle
 import posixpath
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -95,15 +102,59 @@ def _member_problem(member: tarfile.TarInfo) -> str | None:
     return None
 
 
+# The most a compressed archive may expand to, and the largest member or file read into memory
+# (the CIFAR-100 tarball expands to 180 MB, its largest file is 150 MB).
+MAX_ARCHIVE_BYTES = 2**32
+MAX_MEMBER_BYTES = 2**30
+_COMPRESSED = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
+_CHUNK = 1 << 20
+
+
+def check_compressed_stream(path: Path, what: str = "file") -> None:
+    """Decompresses a gzip, bzip2 or xz file once to its end, in chunks (constant memory):
+    DataError naming the file (a `what`) for a corrupt block or checksum, a cut stream, or more
+    than MAX_ARCHIVE_BYTES of content. Files that are not compressed are left alone."""
+    total = 0
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+        opener = next((o for magic, o in _COMPRESSED.items() if head.startswith(magic)), None)
+        if opener is None:
+            return
+        with opener(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                total += len(chunk)
+                if total > MAX_ARCHIVE_BYTES:
+                    raise DataError(
+                        f"{path}: expands to more than {MAX_ARCHIVE_BYTES} bytes when "
+                        f"decompressed; expected a {what} of at most that size (is this a "
+                        "decompression bomb?)"
+                    )
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as e:
+        raise DataError(
+            f"{path}: not a readable {what} (corrupt compressed data: {type(e).__name__}: {e})"
+        ) from e
+
+
+def check_file_size(size: int, display: str) -> None:
+    """DataError when a file of `size` bytes is too large to read into memory here."""
+    if size > MAX_MEMBER_BYTES:
+        raise DataError(
+            f"{display}: {size} bytes, more than the {MAX_MEMBER_BYTES} bytes a dataset file may "
+            "have here (is this the expected file?)"
+        )
+
+
 class ArchiveReader:
     """Regular-file members of a tar archive (.tar, .tar.gz, ...) by name, checked for safety."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        check_compressed_stream(self.path, "tar archive")
         try:
             self._tar = tarfile.open(self.path, "r:*")  # noqa: SIM115 (closed by close())
             members = self._tar.getmembers()
-        except (tarfile.TarError, OSError, EOFError) as e:
+        except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as e:
             raise DataError(f"{self.path}: not a readable tar archive ({e})") from e
         for member in members:
             problem = _member_problem(member)
@@ -119,9 +170,11 @@ class ArchiveReader:
         return hits[0] if hits else None
 
     def read(self, name: str) -> bytes:
+        if name in self.members:
+            check_file_size(self.members[name].size, f"{self.path}:{name}")
         try:
             return self._tar.extractfile(self.members[name]).read()
-        except (tarfile.TarError, OSError, EOFError, KeyError) as e:
+        except (tarfile.TarError, OSError, EOFError, KeyError, zlib.error, lzma.LZMAError) as e:
             raise DataError(f"{self.path}: cannot read member {name!r} ({e})") from e
 
     def close(self) -> None:
