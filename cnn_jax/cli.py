@@ -327,14 +327,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
     workdir = _existing_workdir(args.workdir)
     import numpy as np
 
-    from cnn_jax.predict import model_input, predict_probs, read_image
+    from cnn_jax import predict
     from cnn_jax.train import load
 
     model, variables, config = load(workdir, args.checkpoint)
-    spec = model_input(config)
+    spec = predict.model_input(config)
     shape = spec["native_shape"]
-    images = np.stack([read_image(p, shape, invert=args.invert) for p in args.images])
-    probs = predict_probs(config, model, variables, images)
+    invert = args.polarity == "invert"
+    images = np.stack([predict.read_image(p, shape, invert=invert) for p in args.images])
+    if args.polarity == "auto":  # match the training images' background (MNIST: dark)
+        background = predict.training_background(config)
+        flip = [predict.opposite_polarity(image, background) for image in images]
+        if any(flip):
+            images = np.stack([255 - im if f else im for im, f in zip(images, flip)])
+            shape_, ground = ("dark", "light") if background == "dark" else ("light", "dark")
+            names = ", ".join(str(p) for p, f in zip(args.images, flip) if f)
+            print(
+                f"{PROG}: note: inverted {names} ({shape_} on {ground}) to match the training "
+                f"images ({ground} on {shape_}); --polarity as-is keeps images as they are",
+                file=sys.stderr,
+            )
+    probs = predict.predict_probs(config, model, variables, images)
     k = min(args.top_k, probs.shape[-1])
     for path, p in zip(args.images, probs):
         top = np.argsort(-p)[:k]
@@ -574,10 +587,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="classes to show per image (default: 3)",
     )
-    p.add_argument(
+    polarity = p.add_mutually_exclusive_group()
+    polarity.add_argument(
+        "--polarity",
+        choices=("auto", "as-is", "invert"),
+        default="auto",
+        help="auto (default): invert an image whose background is the opposite of the training "
+        "images' (a dark digit on white paper for a model trained on MNIST) and say so; as-is: "
+        "never invert; invert: always invert the grey levels",
+    )
+    polarity.add_argument(
         "--invert",
-        action="store_true",
-        help="invert grey levels (dark digit on white paper -> MNIST style)",
+        dest="polarity",
+        action="store_const",
+        const="invert",
+        default=argparse.SUPPRESS,
+        help="same as --polarity invert",
+    )
+    polarity.add_argument(
+        "--no-invert",
+        dest="polarity",
+        action="store_const",
+        const="as-is",
+        default=argparse.SUPPRESS,
+        help="same as --polarity as-is",
     )
     checkpoint_arg(p)
 

@@ -86,6 +86,65 @@ def read_image(
     return 255 - a if invert else a
 
 
+def border_brightness(images_u8: np.ndarray) -> np.ndarray:
+    """The mean of each image's outermost ring of pixels in [0, 1]: uint8 [N, H, W, C] -> [N].
+    For digits and other drawn shapes this is the background."""
+    a = np.asarray(images_u8, np.float32) / 255
+    ring = np.concatenate([a[:, 0], a[:, -1], a[:, 1:-1, 0], a[:, 1:-1, -1]], axis=1)
+    return ring.mean(axis=(1, 2))
+
+
+# What `scan_background` finds for the built-in datasets (tested for digits; MNIST and
+# Fashion-MNIST are drawn on black), so that `predict` need not load a dataset to know it.
+KNOWN_BACKGROUNDS = {
+    "mnist": "dark", "fashion_mnist": "dark", "digits": "dark", "synthetic": None,
+    "cifar10": None, "cifar100": None, "imagenet2012": None, "imagenette": None,
+}  # fmt: skip
+
+
+def training_background(config) -> str | None:
+    """'dark' or 'light' when the model's dataset has a consistent background (MNIST-style
+    digits: light on dark), else None (photos): `KNOWN_BACKGROUNDS` for the built-in datasets,
+    else (an imported image folder) `scan_background`."""
+    name = config.dataset.name
+    return KNOWN_BACKGROUNDS[name] if name in KNOWN_BACKGROUNDS else scan_background(config)
+
+
+def scan_background(config) -> str | None:
+    """The background of the dataset's images, judged by the borders of its evaluation split:
+    'dark' or 'light' when the median border is, else None (mixed borders: photos), and None
+    when the dataset is streamed (too large to scan here) or cannot be read here."""
+    from cnn_jax.data import get_dataset_info, load_split_arrays
+    from cnn_jax.errors import CnnJaxError
+
+    try:
+        info = get_dataset_info(config.dataset.name, config)
+        if not info.device_resident:
+            return None
+        split = config.dataset.eval_split or info.test_split
+        images, _ = load_split_arrays(config.dataset.name, split, config=config)
+    except (CnnJaxError, ImportError, OSError):
+        return None
+    if len(images) == 0 or min(images.shape[1:3]) < 3:
+        return None
+    level = float(np.median(border_brightness(images)))
+    return "dark" if level < 0.3 else "light" if level > 0.7 else None
+
+
+def opposite_polarity(image_u8: np.ndarray, background: str | None) -> bool:
+    """Whether uint8 [H, W, C] `image_u8` has the other background than `background` ('dark'
+    or 'light', from `training_background`): its border on the other side of mid-grey and
+    brighter (darker) than the image as a whole, i.e. a dark (light) shape on it."""
+    image = np.asarray(image_u8)
+    if background not in ("dark", "light") or min(image.shape[:2]) < 3:
+        return False
+    border = float(border_brightness(image[None])[0])
+    mean = float(image.mean()) / 255
+    if background == "dark":
+        return border > 0.5 and border > mean
+    return border < 0.5 and border < mean
+
+
 def sample_test_image(config, label: str | None = "8", index: int | None = None):
     """(uint8 [H, W, C] test image, its label index, its index in the test split): image `index`
     if given, else the first whose class name is `label` (the guides' digit 8), else the first."""
@@ -164,14 +223,19 @@ def save_feature_pictures(
         title = f"test image {index} (label {names[label]})"
     x = preprocess_for_model(config, np.asarray(image_u8)[None])
     maps = {"input": np.asarray(x[0])}
-    maps.update(list(layer_activations(model, variables, x).items())[:MAX_FEATURE_MAP_LAYERS])
+    layers = list(layer_activations(model, variables, x).items())
+    maps.update(layers[:MAX_FEATURE_MAP_LAYERS])
+    maps_title = title
+    if len(layers) > MAX_FEATURE_MAP_LAYERS:  # say what is left out (ResNet: dozens of layers)
+        note = f"first {MAX_FEATURE_MAP_LAYERS} of {len(layers)} conv and pooling layers"
+        maps_title = f"{title} ({note})" if title else note
     probs = predict_probs(config, model, variables, np.asarray(image_u8)[None])[0]
     layer, kernel = first_conv_kernel(variables["params"])
     return {
         "filters": viz.plot_filters(
             kernel, outdir / "filters.png", title=f"{layer} {kernel.shape}"
         ),
-        "feature_maps": viz.plot_feature_maps(maps, outdir / "feature_maps.png", title=title),
+        "feature_maps": viz.plot_feature_maps(maps, outdir / "feature_maps.png", title=maps_title),
         "probabilities": viz.plot_probabilities(
             probs, names, outdir / "probabilities.png", title=title
         ),

@@ -2,7 +2,8 @@
 pooling layer for one test image of a digit 8 (the guides' figure), and its output probabilities.
 
     python experiments/feature_maps.py [--workdir checkpoints/lenet5_digits]
-        [--experiment lenet5_digits] [--image FILE.png] [--index N]
+        [--experiment lenet5_digits] [--image FILE.png [--polarity auto|as-is|invert]]
+        [--index N]
 
 Uses the trained model in the workdir; when it holds no checkpoint yet, trains the experiment
 there first. Writes <workdir>/pictures/{filters,feature_maps,probabilities}.png.
@@ -26,6 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE")
     parser.add_argument("--max-steps", type=int, help="when training: stop after N steps")
     parser.add_argument("--image", help="a PNG/JPEG file instead of a test image")
+    parser.add_argument(
+        "--polarity",
+        choices=("auto", "as-is", "invert"),
+        default="auto",
+        help="--image: auto inverts a dark-on-light image for a model trained on light-on-dark "
+        "digits (and says so); as-is never inverts; invert always does",
+    )
     parser.add_argument("--index", type=int, help="test image index (default: the first 8)")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir or Path("checkpoints") / Path(args.experiment).stem)
@@ -40,7 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     names = predict.model_input(config)["class_names"]
     if args.image:
         shape = predict.model_input(config)["native_shape"]
-        image, title = predict.read_image(args.image, shape), args.image
+        image = predict.read_image(args.image, shape, invert=args.polarity == "invert")
+        title = args.image
+        background = predict.training_background(config)
+        if args.polarity == "auto" and predict.opposite_polarity(image, background):
+            image, title = 255 - image, f"{args.image} (inverted)"
+            print(f"note: inverted {args.image} to match the training images ({background} "
+                  "background); --polarity as-is keeps it as it is")  # fmt: skip
     else:
         image, label, index = predict.sample_test_image(config, "8", args.index)
         title = f"test image {index} (label {names[label]})"
