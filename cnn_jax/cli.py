@@ -11,15 +11,18 @@ paragraph prefixed `cnn-jax: error:` and exit with status 2, without a traceback
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from cnn_jax.errors import CheckpointError, CnnJaxError, ConfigError, DataError
+from cnn_jax.train.signals import Terminated, raise_on_sigterm
 
 PROG = "cnn-jax"
 # summary's defaults (input shape, classes): the setting each model is usually shown with.
@@ -29,6 +32,7 @@ SUMMARY_DEFAULTS = {
     "simple_convnet": ((32, 32, 3), 4),
 }
 USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EEXIST}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,8 +152,12 @@ def _make_reporter():
         def on_start(self, info: dict) -> None:
             for damaged in info.get("damaged_checkpoints") or []:
                 print(f"{PROG}: warning: skipped a damaged checkpoint: {damaged}", file=sys.stderr)
-            if info.get("resumed_from"):
+            if info.get("previous_run"):
+                _out(f"started over: the earlier run was moved to {info['previous_run']}")
+            if info.get("resumed_from") is not None:
                 _out(f"resuming from the checkpoint of step {info['resumed_from']}")
+            for key, (old, new) in (info.get("config_changes") or {}).items():
+                _out(f"  config changed since the checkpoint: {key}: {old!r} -> {new!r}")
             self.bar = tqdm(
                 total=info.get("total_steps"),
                 initial=info.get("start_step", 0) or 0,
@@ -225,7 +233,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     main_process = jax.process_index() == 0  # in a multi-host job, only process 0 reports
     reporter = _make_reporter() if main_process else Reporter()
     try:
-        results = train_and_evaluate(config, workdir, max_steps=args.max_steps, reporter=reporter)
+        results = train_and_evaluate(
+            config,
+            workdir,
+            max_steps=args.max_steps,
+            reporter=reporter,
+            start_over=args.start_over,
+            resume_with_changed_config=args.resume_with_changed_config,
+        )
     finally:
         reporter.on_end({})
     if not main_process:
@@ -238,7 +253,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{r.get('images_per_sec', 0):,.0f} images/s"
     )
     if r.get("interrupted"):
-        _out(f"interrupted at step {r.get('steps')}: run the same command again to resume")
+        by = r.get("interrupted_by") or "a signal"
+        print(
+            f"{PROG}: interrupted by {by} at step {r.get('steps')}, checkpoint saved: run the same "
+            "command again to resume",
+            file=sys.stderr,
+        )
+        return 128 + int(getattr(signal.Signals, by, signal.SIGINT))
     outputs = [
         ("checkpoints", workdir / "checkpoints"),
         ("metrics", workdir / "metrics.jsonl"),
@@ -308,6 +329,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output_folder(argument: str, path: Path, *, is_folder: bool = False) -> None:
+    """`ConfigError` if `path` (a folder when `is_folder`) cannot be made because a folder
+    above it, or the folder itself, exists as a regular file (mkdir's bare 'File exists')."""
+    from cnn_jax.train.workdir import file_in_the_way
+
+    blocker = file_in_the_way(path / "x" if is_folder else path)
+    if blocker is not None:
+        raise ConfigError(f"{argument} {str(path)!r}: {str(blocker)!r} is a file, not a folder")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     workdir = _existing_workdir(args.workdir)
     from cnn_jax.models.summary import count_params
@@ -316,11 +347,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".npz":
         raise ConfigError(f"--out {str(out)!r}: expected a file name ending in .npz")
+    _check_output_folder("--out", out)
     _, variables, _ = load(workdir, args.checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
     export_npz(variables, out)
     _out(f"wrote {out} ({count_params(variables.get('params', variables)):,} parameters)")
     return 0
+
+
+def _read_matching_images(config, paths, shape, polarity: str):
+    """uint8 [N, H, W, C] images of `paths`; `polarity` 'auto' inverts those whose background is
+    the opposite of the training images' (a dark digit on white paper for an MNIST model) and
+    says so, 'invert' inverts all, 'as-is' none."""
+    import numpy as np
+
+    from cnn_jax import predict
+
+    images = np.stack([predict.read_image(p, shape, invert=polarity == "invert") for p in paths])
+    if polarity == "auto":  # match the training images' background (MNIST: dark)
+        background = predict.training_background(config)
+        flip = [predict.opposite_polarity(image, background) for image in images]
+        if any(flip):
+            images = np.stack([255 - im if f else im for im, f in zip(images, flip)])
+            shape_, ground = ("dark", "light") if background == "dark" else ("light", "dark")
+            names = ", ".join(str(p) for p, f in zip(paths, flip) if f)
+            print(
+                f"{PROG}: note: inverted {names} ({shape_} on {ground}) to match the training "
+                f"images ({ground} on {shape_}); --polarity as-is keeps images as they are",
+                file=sys.stderr,
+            )
+    return images
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -333,20 +389,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model, variables, config = load(workdir, args.checkpoint)
     spec = predict.model_input(config)
     shape = spec["native_shape"]
-    invert = args.polarity == "invert"
-    images = np.stack([predict.read_image(p, shape, invert=invert) for p in args.images])
-    if args.polarity == "auto":  # match the training images' background (MNIST: dark)
-        background = predict.training_background(config)
-        flip = [predict.opposite_polarity(image, background) for image in images]
-        if any(flip):
-            images = np.stack([255 - im if f else im for im, f in zip(images, flip)])
-            shape_, ground = ("dark", "light") if background == "dark" else ("light", "dark")
-            names = ", ".join(str(p) for p, f in zip(args.images, flip) if f)
-            print(
-                f"{PROG}: note: inverted {names} ({shape_} on {ground}) to match the training "
-                f"images ({ground} on {shape_}); --polarity as-is keeps images as they are",
-                file=sys.stderr,
-            )
+    images = _read_matching_images(config, args.images, shape, args.polarity)
     probs = predict.predict_probs(config, model, variables, images)
     k = min(args.top_k, probs.shape[-1])
     for path, p in zip(args.images, probs):
@@ -409,6 +452,8 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     from cnn_jax import viz
 
     workdir = _existing_workdir(args.workdir)
+    if args.out:
+        _check_output_folder("--out", Path(args.out), is_folder=args.what == "feature-maps")
     if args.what == "curves":
         metrics = workdir / "metrics.jsonl"
         if not metrics.exists():
@@ -433,7 +478,10 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     outdir = Path(args.out) if args.out else workdir / "pictures"
     if args.image:
         shape = predict.model_input(config)["native_shape"]
-        image, title = predict.read_image(args.image, shape, invert=args.invert), args.image
+        image, title = (
+            _read_matching_images(config, [args.image], shape, args.polarity)[0],
+            args.image,
+        )
     else:
         image, label, index = predict.sample_test_image(config, args.label, args.index)
         names = predict.model_input(config)["class_names"]
@@ -538,6 +586,33 @@ def build_parser() -> argparse.ArgumentParser:
             help="override config values, e.g. train.batch_size=64",
         )
 
+    def polarity_args(p: argparse.ArgumentParser) -> None:
+        polarity = p.add_mutually_exclusive_group()
+        polarity.add_argument(
+            "--polarity",
+            choices=("auto", "as-is", "invert"),
+            default="auto",
+            help="auto (default): invert an image whose background is the opposite of the training "
+            "images' (a dark digit on white paper for a model trained on MNIST) and say so; as-is: "
+            "never invert; invert: always invert the grey levels",
+        )
+        polarity.add_argument(
+            "--invert",
+            dest="polarity",
+            action="store_const",
+            const="invert",
+            default=argparse.SUPPRESS,
+            help="same as --polarity invert",
+        )
+        polarity.add_argument(
+            "--no-invert",
+            dest="polarity",
+            action="store_const",
+            const="as-is",
+            default=argparse.SUPPRESS,
+            help="same as --polarity as-is",
+        )
+
     def checkpoint_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--checkpoint",
@@ -566,6 +641,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop if the newest checkpoint is damaged, instead of resuming from an older one",
     )
+    p.add_argument(
+        "--start-over",
+        action="store_true",
+        help="train from step 0 even though the workdir holds an earlier run: its files are "
+        "moved into WORKDIR/previous-runs/<time>/ first (nothing is deleted)",
+    )
+    p.add_argument(
+        "--resume-with-changed-config",
+        action="store_true",
+        help="resume the workdir's checkpoints even though the config differs in keys that "
+        "change the run (model, data, batch size, optimizer, seed, ...); the changes are "
+        "recorded in the checkpoints' meta",
+    )
 
     p = add("eval", "evaluate a trained checkpoint on the test split", cmd_eval)
     experiment_args(p)
@@ -587,31 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="classes to show per image (default: 3)",
     )
-    polarity = p.add_mutually_exclusive_group()
-    polarity.add_argument(
-        "--polarity",
-        choices=("auto", "as-is", "invert"),
-        default="auto",
-        help="auto (default): invert an image whose background is the opposite of the training "
-        "images' (a dark digit on white paper for a model trained on MNIST) and say so; as-is: "
-        "never invert; invert: always invert the grey levels",
-    )
-    polarity.add_argument(
-        "--invert",
-        dest="polarity",
-        action="store_const",
-        const="invert",
-        default=argparse.SUPPRESS,
-        help="same as --polarity invert",
-    )
-    polarity.add_argument(
-        "--no-invert",
-        dest="polarity",
-        action="store_const",
-        const="as-is",
-        default=argparse.SUPPRESS,
-        help="same as --polarity as-is",
-    )
+    polarity_args(p)
     checkpoint_arg(p)
 
     p = add("summary", "print a model's layers (output shape, parameters) and total", cmd_summary)
@@ -662,7 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     for what, help in (
         ("filters", "first-layer convolution filters"),
         ("feature-maps", "activations of each layer for one image, filters and probabilities"),
-        ("curves", "loss and accuracy per epoch, train vs test"),
+        ("curves", "loss and accuracy over training, train vs test"),
     ):
         q = vis_sub.add_parser(what, help=help, description=help)
         q.set_defaults(func=cmd_visualize)
@@ -674,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
             checkpoint_arg(q)
         if what == "feature-maps":
             q.add_argument("--image", help="a PNG/JPEG file (default: a test image)")
-            q.add_argument("--invert", action="store_true", help="invert the --image grey levels")
+            polarity_args(q)
             q.add_argument("--index", type=int, help="test image index (default: the first '8')")
             q.add_argument("--label", default="8", help="class name of the test image (default: 8)")
 
@@ -730,14 +794,37 @@ def _error(message: str) -> int:
     return 2
 
 
+def _without_closed_loop_noise(hook):
+    """`hook` (sys.excepthook / sys.unraisablehook) minus one message: after a failed
+    checkpoint write, TensorStore's callbacks into Orbax's finished asyncio loop report
+    'Event loop is closed' (the failure itself is reported once, as an error)."""
+
+    if getattr(hook, "cnn_jax_filtered", False):
+        return hook
+
+    def filtered(*args):
+        exc = args[1] if len(args) > 1 else getattr(args[0], "exc_value", None)
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        hook(*args)
+
+    filtered.cnn_jax_filtered = True
+    return filtered
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
-    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax/tfds notices, not user news
+    # Orbax/tfds notices are not user news, and their errors reach the user as one message.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     parser = build_parser()
+    # Not restored on return: the noise comes from background threads, also after `main`.
+    sys.excepthook = _without_closed_loop_noise(sys.excepthook)
+    sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
     try:
         args = parser.parse_args(argv)
-        return int(args.func(args) or 0)
+        with raise_on_sigterm():
+            return int(args.func(args) or 0)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 2
     except CnnJaxError as e:
@@ -753,9 +840,14 @@ def main(argv: list[str] | None = None) -> int:
         return _error(
             f"this command needs {module} from the 'full' extra: pip install 'cnn_jax[full]'"
         )
-    except USER_OS_ERRORS as e:
+    except OSError as e:  # the user's environment: no space, no permission, a missing path
+        if not isinstance(e, USER_OS_ERRORS) and e.errno not in USER_ERRNOS:
+            raise
         where = f": {e.filename}" if e.filename else ""
         return _error(f"{e.strerror or e}{where}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (`Terminated`) outside training steps
+        if isinstance(e, Terminated):
+            print(f"{PROG}: terminated (SIGTERM)", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

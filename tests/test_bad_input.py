@@ -80,6 +80,7 @@ CONFIG_FILES = {
     "bad_list.py": "c.optimizer.step_boundaries = ['half']",
     "raises.py": "raise RuntimeError('no GPU quota')",
     "vgg.py": "c.model.name = 'vgg11'; c.dataset.image_size = 16",
+    "exits.py": "import sys; sys.exit(0)",  # used to end the command silently with status 0
 }
 CONFIG_FILE_HEAD = (
     "from cnn_jax.config import default_config\n\ndef get_config():\n    c = default_config()\n"
@@ -94,6 +95,7 @@ def write_config_files(folder: Path) -> None:
         "    return ml_collections.ConfigDict({'model': {'name': 'lenet5'}})\n"
     )
     (folder / "syntax.py").write_text("def get_config(:\n")
+    (folder / "exits_on_import.py").write_text("import sys\nsys.exit(3)\n")
 
 
 SET = "--set"
@@ -133,6 +135,12 @@ CONFIG_CASES = [
     ("get-config-raises", ["raises.py"], "failed: RuntimeError: no GPU quota"),
     ("syntax-error", ["syntax.py"], "could not load config file"),
     ("unknown-experiment", ["lenet5_digitz"], "unknown experiment 'lenet5_digitz'"),
+    ("get-config-exits", ["exits.py"], "called sys.exit(0); a config file must return a config"),
+    ("config-exits-on-import", ["exits_on_import.py"], "called sys.exit(3) while loading"),
+    ("options-num-classes", ["lenet5_digits", SET, "model.options.num_classes=5"],
+     "model.options.num_classes cannot be set: the number of classes comes from the dataset"),
+    ("seed-beyond-int64", ["lenet5_digits", SET, "seed=1180591620717411303424"],
+     "'seed' has invalid value 1180591620717411303424; expected an integer in [-2**63, 2**63)"),
     ("lr-zero", ["lenet5_digits", SET, "optimizer.learning_rate=0"],
      "'optimizer.learning_rate' has invalid value 0.0; expected a number > 0"),
     ("lr-negative", ["lenet5_digits", SET, "optimizer.learning_rate=-0.1"],
@@ -394,6 +402,60 @@ def get_config():
     c.checkpoint.async_save = False
     return c
 """
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "lenet5_digits", SET, "dataset.image_size=1000000000000"],
+         "dataset.image_size: one batch of 64 float32 images of 1000000000000x1000000000000x1"),
+        (["train", "lenet5_digits", SET, "dataset.image_size=100000"], "GiB, more than this machine"),
+        (["bench", "lenet5", "--batch-size", "100000000"],
+         "batch_size: one batch of 100,000,000 float32 images of 28x28x1 needs"),
+    ],
+    ids=["image-size-1e12", "image-size-1e5", "bench-batch-1e8"],
+)  # fmt: skip
+def test_batches_beyond_this_machines_memory_are_refused_up_front(capsys, tmp_path, argv, fragment):
+    """Used to end in an XLA or numpy allocation traceback (or a MemoryError)."""
+    workdir = ["--workdir", tmp_path / "run", "--no-pictures"] if argv[0] == "train" else []
+    assert_user_error(run_cli(capsys, [*argv, *workdir]), fragment)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["export", "--out", "{file}/params.npz"], "is a file, not a folder"),
+        (["visualize", "curves", "--out", "{file}/curves.png"], "is a file, not a folder"),
+        (["visualize", "feature-maps", "--out", "{file}"], "is a file, not a folder"),
+    ],
+    ids=["export-out", "visualize-out", "feature-maps-out"],
+)
+def test_outputs_under_a_regular_file(capsys, tmp_path, trained, argv, fragment):
+    """Used to end in a FileExistsError traceback."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    argv = [a.replace("{file}", str(blocker)) for a in argv]
+    assert_user_error(run_cli(capsys, [*argv, "--workdir", trained]), fragment)
+
+
+def test_workdir_under_a_regular_file(capsys, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    argv = ["train", "lenet5_digits", "--workdir", tmp_path / "a_file" / "run", "--no-pictures"]
+    assert_user_error(run_cli(capsys, argv), "a_file' is a file, not a folder")
+
+
+def test_eval_batch_far_beyond_the_test_split_just_evaluates(capsys, trained):
+    """train.eval_batch_size=1e9 used to train, then die allocating the padded eval batch; a
+    batch beyond the split only adds padding, so it is capped at the split's size."""
+    config = trained.parent / "tiny.py"
+    assert cli.main(["eval", str(config), "--workdir", str(trained)]) == 0
+    normal = capsys.readouterr().out
+    argv = ["eval", config, "--workdir", trained, SET, "train.eval_batch_size=1000000000"]
+    assert cli.main([str(a) for a in argv]) == 0
+    huge = capsys.readouterr().out
+    accuracy = lambda text: re.search(r"accuracy \S+", text).group(0)
+    assert accuracy(huge) == accuracy(normal)
 
 
 @pytest.fixture(scope="module")

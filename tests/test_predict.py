@@ -153,3 +153,16 @@ def test_feature_maps_script_inverts_too(trained, tmp_path, capsys):
     probs = [[line.split(": ", 1)[1] for line in out.splitlines() if "png" in line and ": 0 " in line]
              for out in printed]  # fmt: skip
     assert probs[0] == probs[1] and len(probs[0]) == 1
+
+
+def test_visualize_feature_maps_inverts_a_paper_image_too(trained, tmp_path, capsys):
+    """`visualize feature-maps --image` had only --invert, so a dark-on-light digit was shown
+    to the network as it is."""
+    workdir, config = trained
+    image, _, _ = predict.sample_test_image(config, "3")
+    Image.fromarray(255 - image[..., 0]).save(tmp_path / "paper.png")
+    argv = ["visualize", "feature-maps", "--workdir", workdir, "--image", tmp_path / "paper.png"]
+    code, _, err = run(capsys, [*argv, "--out", tmp_path / "maps"])
+    assert code == 0 and "note: inverted" in err and "paper.png" in err
+    code, _, err = run(capsys, [*argv, "--out", tmp_path / "maps2", "--polarity", "as-is"])
+    assert code == 0 and err == ""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -446,8 +447,13 @@ def export_npz(variables: dict, path: str | Path) -> Path:
         for key_path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]
     }
     path = Path(path)
-    with path.open("wb") as f:  # a file object: numpy would otherwise append '.npz'
-        np.savez(f, **flat)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:  # written beside, then renamed: a full disk or a kill never leaves half a file
+        with tmp.open("wb") as f:  # a file object: numpy would otherwise append '.npz'
+            np.savez(f, **flat)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -234,31 +234,22 @@ def train_and_evaluate(
         lock.acquire()
     try:
         # -- may this run continue what the workdir holds? (nothing is written before) ---------
-        previous_run = resume.set_aside_previous_run(workdir) if start_over and is_main else None
-        _sync_processes("cnn_jax_start_over")
-        resume.check_checkpoint_dir(workdir)
+        devices = jax.devices()
+        config.model.fast_paths = "on" if fast_paths_wanted(config, devices) else "off"
+        changes = {}
+        if not start_over:
+            resume.check_checkpoint_dir(workdir)
+            if resume.saved_steps(workdir):
+                changes = resume.check_config(
+                    workdir, config, allow_changes=resume_with_changed_config
+                )
+            else:
+                resume.refuse_scratch_over_results(workdir)
         t, ck = config.train, config.checkpoint
-        store = CheckpointStore(
-            workdir,
-            keep=int(ck.keep),
-            best_metric=ck.best_metric,
-            best_mode=ck.best_mode,
-            async_save=bool(ck.async_save),
-        )
-        writer = None
+        store = writer = None
         with StopSignals() as stop:
             try:
-                devices = jax.devices()
-                config.model.fast_paths = "on" if fast_paths_wanted(config, devices) else "off"
-                if store.all_steps():
-                    changes = resume.check_config(
-                        workdir, config, allow_changes=resume_with_changed_config
-                    )
-                else:
-                    changes = {}
-                    resume.refuse_scratch_over_results(workdir)
-
-                # -- what this run is: data, model, optimizer, compiled steps ------------------------
+                # -- what this run is: data, model, optimizer, compiled steps --------------------
                 feeder = make_feeder(config, len(devices))
                 spe = feeder.steps_per_epoch
                 num_total = total_steps(config, spe)
@@ -271,6 +262,18 @@ def train_and_evaluate(
                 abstract_state = abstract_train_state(model, tx, feeder.image_shape)
                 num_params = count_params(abstract_state.params)
                 group = steps_per_call(config, devices)
+                # -- every check passed: from here on the workdir is written -----------------
+                previous_run = None
+                if start_over and is_main:
+                    previous_run = resume.set_aside_previous_run(workdir)
+                _sync_processes("cnn_jax_start_over")
+                store = CheckpointStore(
+                    workdir,
+                    keep=int(ck.keep),
+                    best_metric=ck.best_metric,
+                    best_mode=ck.best_mode,
+                    async_save=bool(ck.async_save),
+                )
                 # -- where it starts: the newest readable checkpoint, or a new state ----------------
                 state, start_step, meta, damaged = restore_or_init(
                     store,
@@ -407,8 +410,9 @@ def train_and_evaluate(
                         **evaluate_variables(compiled, feeder, state.variables()),
                     }
             finally:
-                with stop.writing():
-                    store.close()  # waits for the asynchronous writes
+                if store is not None:
+                    with stop.writing():
+                        store.close()  # waits for the asynchronous writes
                 if writer is not None:
                     writer.close()
     finally:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import time
 from pathlib import Path
 
 from cnn_jax.errors import CheckpointError
@@ -32,14 +34,7 @@ class MetricWriter:
         if not enabled:
             return
         self._drop_records_after(resume_step)
-        from tensorboardX import SummaryWriter  # imported here: only the writing process needs it
-
-        # purge_step hides events the interrupted run wrote after the checkpoint we resume from.
-        self._tb = SummaryWriter(
-            logdir=str(Path(workdir) / "tensorboard"),
-            purge_step=resume_step if resume_step > 0 else None,
-            flush_secs=30,
-        )
+        self._tb = _EventFile(Path(workdir) / "tensorboard", purge_step=resume_step)
 
     def _drop_records_after(self, step: int) -> None:
         """Rewrites metrics.jsonl without the records after `step` (atomically: a full disk
@@ -72,8 +67,11 @@ class MetricWriter:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps({k: _json_value(v) for k, v in record.items()}) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps({k: _json_value(v) for k, v in record.items()}) + "\n")
+        except OSError as e:  # name the file: a bare "No space left on device" says nowhere
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
         split, step = record.get("split", "train"), int(record["step"])
         for key, value in record.items():
             if key in ("step", "split", "wall_time") or isinstance(value, (bool, str)):
@@ -87,5 +85,45 @@ class MetricWriter:
 
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            tb, self._tb = self._tb, None
+            tb.close()
+
+
+class _EventFile:
+    """TensorBoard scalars written in the caller's thread, with tensorboardX's event writer and
+    summary protos. (tensorboardX's `SummaryWriter` writes from a background thread: a full disk
+    killed that thread with a traceback, and the next events then waited for it for ever.)"""
+
+    def __init__(self, logdir: Path, *, purge_step: int = 0):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2
+
+        self._event_pb2, self.logdir = event_pb2, Path(logdir)
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        with self._naming_the_file():
+            self._writer = EventsWriter(str(self.logdir / "events"))
+            if purge_step > 0:  # hides the events an interrupted run wrote after this step
+                log = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+                self._writer.write_event(event_pb2.Event(step=purge_step, session_log=log))
+
+    @contextlib.contextmanager
+    def _naming_the_file(self):
+        try:
+            yield
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.logdir)) from None
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboardX.summary import scalar
+
+        event = self._event_pb2.Event(wall_time=time.time(), step=step, summary=scalar(tag, value))
+        with self._naming_the_file():
+            self._writer.write_event(event)
+
+    def flush(self) -> None:
+        with self._naming_the_file():
+            self._writer.flush()
+
+    def close(self) -> None:
+        with self._naming_the_file():
+            self._writer.close()

@@ -18,7 +18,7 @@ from typing import Any
 
 from cnn_jax import config as config_lib
 from cnn_jax.errors import CheckpointError
-from cnn_jax.train.checkpoints import CHECKPOINT_DIR
+from cnn_jax.train.checkpoints import CHECKPOINT_DIR, CheckpointStore
 from cnn_jax.train.workdir import LOCK_NAME
 
 PREVIOUS_RUNS = "previous-runs"
@@ -120,6 +120,17 @@ def earlier_results(workdir: Path) -> list[Path]:
     if checkpoints.is_dir():
         found += sorted(checkpoints.glob("damaged-*"))
     return found
+
+
+def saved_steps(workdir: Path) -> list[int]:
+    """The checkpoint steps in the workdir (read-only: nothing is created or cleaned)."""
+    if not (workdir / CHECKPOINT_DIR).is_dir():
+        return []
+    reader = CheckpointStore(workdir, read_only=True)
+    try:
+        return reader.all_steps()
+    finally:
+        reader.close()
 
 
 def check_checkpoint_dir(workdir: Path) -> None:

@@ -14,8 +14,22 @@ from cnn_jax.errors import CheckpointError
 LOCK_NAME = ".lock"
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing ancestor of `path` if it is a regular file (so no folder can be
+    made there), else None."""
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
 def ensure_writable(workdir: Path) -> None:
     """Creates `workdir` if needed and proves a file can be written there."""
+    blocker = file_in_the_way(workdir / "x")
+    if blocker is not None:
+        raise CheckpointError(
+            f"workdir {str(workdir)!r} cannot be created: {str(blocker)!r} is a file, not a folder"
+        )
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / f".write-test-{os.getpid()}"
