@@ -11,7 +11,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet -e '.[full,dev]'
+	$(PY) -m pip install --quiet -e '.[full,dev,test]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cnn_jax.errors import ShapeError
 from cnn_jax.layers import (
     Activation,
     BatchNorm,
@@ -102,6 +103,24 @@ INCEPTION_WIDTHS = {
 }
 
 
+# ImageNet's per-channel mean and std (RGB), the normalisation torchvision's weights expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_to_half_range(x: jax.Array) -> jax.Array:
+    """torchvision's GoogLeNet `transform_input`: x = (image - mean) / std per RGB channel becomes
+    (image - 0.5) / 0.5, computed as torchvision does (x * (std / 0.5) + (mean - 0.5) / 0.5).
+    x: [N, H, W, 3]."""
+    if x.shape[-1] != 3:
+        raise ShapeError(
+            f"transform_input=True expects RGB images [N, H, W, 3]; got shape {tuple(x.shape)}"
+        )
+    scale = jnp.asarray([s / 0.5 for s in IMAGENET_STD], jnp.float32)
+    shift = jnp.asarray([(m - 0.5) / 0.5 for m in IMAGENET_MEAN], jnp.float32)
+    return x.astype(jnp.float32) * scale + shift
+
+
 class GoogLeNet(nn.Module):
     """torchvision's GoogLeNet without auxiliary classifiers: 6,624,904 parameters at 224x224x3/1000.
 
@@ -112,10 +131,15 @@ class GoogLeNet(nn.Module):
     (`ceil_mode=True`) as torchvision's do. `cifar_stem=True` makes conv1 3x3 stride 1 and drops the
     two stem max pools, for 28x28 / 32x32 images. Swappable blocks: `conv`, `norm` (default
     BatchNorm with torchvision's eps 1e-3; None for none), `act` and `pool`.
+
+    `transform_input=True` is torchvision's option of the same name (on with its ImageNet
+    weights): RGB input normalised with ImageNet's mean and std is re-normalised per channel to
+    (x - 0.5) / 0.5 of the [0, 1] image, what those weights were trained on.
     """
 
     num_classes: int = 1000
     cifar_stem: bool = False
+    transform_input: bool = False
     dropout_rate: float = 0.2
     act: Activation = "relu"
     conv: ModuleDef = Conv
@@ -132,6 +156,8 @@ class GoogLeNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_images(x, "GoogLeNet")
+        if self.transform_input:
+            x = imagenet_to_half_range(x)
         x = x.astype(self.dtype)
         basic_conv = functools.partial(
             BasicConv,
