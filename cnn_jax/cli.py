@@ -817,6 +817,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     # Orbax/tfds notices are not user news, and their errors reach the user as one message.
     logging.getLogger("absl").setLevel(logging.CRITICAL)
+    # A failed checkpoint write also leaves Orbax's asyncio tasks with "exception never retrieved".
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     parser = build_parser()
     # Not restored on return: the noise comes from background threads, also after `main`.
     sys.excepthook = _without_closed_loop_noise(sys.excepthook)
