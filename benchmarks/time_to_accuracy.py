@@ -62,6 +62,114 @@ class TimingReporter:
         pass
 
 
+def engine_time_to_accuracy(config, splits: dict, *, target: float = TARGET, max_epochs=None,
+                            log=print) -> dict:
+    """Time to `target` test accuracy with the engine's own pieces and no tfds or workdir.
+
+    `splits` = {'train'|'test': (uint8 images [N, H, W, C], labels [N])}, e.g.
+    `importers.read_idx_dataset(MNIST folder)`. The model, optimizer, compiled steps, device-
+    resident feeder (`ResidentFeeder`), `run_steps` and `evaluate_variables` are the ones
+    `train_and_evaluate` uses; evaluation of the whole test split after every epoch. Both
+    programs are compiled first on a throwaway state, so `training_seconds_to_target` is the
+    device-synced training time of the epochs up to the first evaluation at >= target,
+    compilation and evaluations excluded (given separately). Stops at that evaluation, or after
+    `max_epochs` (default: the config's epochs).
+    """
+    import jax
+
+    from cnn_jax import config as config_lib
+    from cnn_jax.data.registry import get_dataset_info
+    from cnn_jax.train import optimizers
+    from cnn_jax.train.feeders import (
+        ResidentFeeder,
+        check_batch_sizes,
+        effective_eval_batch,
+        make_preprocess,
+        model_image_shape,
+    )
+    from cnn_jax.train.loop import (
+        RunKeys,
+        compile_for,
+        evaluate_variables,
+        run_steps,
+        steps_per_call,
+        total_steps,
+    )
+    from cnn_jax.train.restore import build_model, fast_paths_wanted
+
+    t_start = time.perf_counter()
+    config = config_lib.validate_config(config)
+    devices = jax.devices()
+    check_batch_sizes(config, len(devices))
+    config.model.fast_paths = "on" if fast_paths_wanted(config, devices) else "off"
+    info = get_dataset_info(config.dataset.name, config)
+    (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
+    feeder = ResidentFeeder(
+        name=info.name, kind="device", image_shape=model_image_shape(config, info),
+        num_classes=info.num_classes, num_train=len(train_y), num_eval=len(test_y),
+        preprocess=make_preprocess(config, info), batch_size=int(config.train.batch_size),
+        eval_batch_size=effective_eval_batch(
+            int(config.train.eval_batch_size), len(test_y), len(devices)),
+        train_arrays=(train_x, train_y), eval_arrays=(test_x, test_y),
+    )  # fmt: skip
+    spe = feeder.steps_per_epoch
+    model = build_model(config, feeder.num_classes, fast_paths=config.model.fast_paths == "on")
+    tx = optimizers.make_optimizer(config, spe, total_steps(config, spe))
+    compiled = compile_for(config, model, tx, feeder, devices)
+    group = steps_per_call(config, devices)
+    init_key = RunKeys.from_seed(int(config.seed)).init
+
+    # Compile the train and eval programs on a throwaway state (the steps may donate it).
+    t0 = time.perf_counter()
+    warm = compiled.init_state(feeder.image_shape, init_key)
+    warm, _ = run_steps(compiled, warm, compiled.zero_sums(), feeder.train_batches(compiled, 0),
+                        min(group, spe), group)  # fmt: skip
+    jax.block_until_ready(warm)
+    evaluate_variables(compiled, feeder, warm.variables())
+    compile_seconds = time.perf_counter() - t0
+    del warm
+
+    state = compiled.init_state(feeder.image_shape, init_key)
+    jax.block_until_ready(state)
+    batches = feeder.train_batches(compiled, 0)
+    epochs = int(max_epochs or config.train.num_epochs)
+    train_seconds, eval_seconds, evals, hit = 0.0, 0.0, [], None
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        state, sums = run_steps(compiled, state, compiled.zero_sums(), batches, spe, group)
+        sums = jax.device_get(compiled.host(sums))  # waits for the epoch's steps
+        epoch_seconds = time.perf_counter() - t0
+        train_seconds += epoch_seconds
+        t0 = time.perf_counter()
+        metrics = evaluate_variables(compiled, feeder, state.variables())
+        eval_seconds += time.perf_counter() - t0
+        evals.append({"epoch": epoch, "accuracy": float(metrics["accuracy"]),
+                      "train_loss": float(sums["loss"]) / spe, "epoch_train_seconds": epoch_seconds,
+                      "training_seconds": train_seconds})  # fmt: skip
+        log(f"  epoch {epoch}: test accuracy {metrics['accuracy']:.4f}, training "
+            f"{epoch_seconds:.3f}s ({train_seconds:.3f}s so far)")  # fmt: skip
+        if metrics["accuracy"] >= target:
+            hit = evals[-1]
+            break
+    return {
+        "target": target,
+        "training_seconds_to_target": hit["training_seconds"] if hit else None,
+        "epochs_to_target": hit["epoch"] if hit else None,
+        "final_test_accuracy": evals[-1]["accuracy"],
+        "epochs_run": len(evals),
+        "steps_per_epoch": spe,
+        "steps_per_call": group,
+        "batch_size": feeder.batch_size,
+        "train_images_per_sec": len(evals) * spe * feeder.batch_size / train_seconds,
+        "compile_seconds": compile_seconds,
+        "eval_seconds": eval_seconds,
+        "wall_seconds": time.perf_counter() - t_start,
+        "evals": evals,
+        "device": f"{devices[0].platform}:{devices[0].device_kind}",
+        "num_devices": len(devices),
+    }
+
+
 def prepare_mnist(data_dir: str, source: Path) -> None:
     from cnn_jax.data.importers import import_dataset
 

@@ -44,15 +44,21 @@ GPU_PLAN = {
 
 
 def measure(model, batch_size, steps, windows, *, torch_device, threads, dtype, steps_per_call,
-            use_torch, plain=False, extra_torch_threads=()):
+            use_torch, plain=False, extra_torch_threads=(), input_shape=None, num_classes=None):
+    """One row: cnn_jax's engine step and its PyTorch twin, timed windows alternating.
+    input_shape (H, W, C) and num_classes default to `bench_spec(model)`'s."""
     from cnn_jax.bench import TrainBenchmark, bench_spec
 
-    spec = bench_spec(model)
-    jax_bench = TrainBenchmark(model, batch_size, steps, dtype=dtype, steps_per_call=steps_per_call)
+    spec = dict(bench_spec(model))
+    spec["input_shape"] = tuple(input_shape or spec["input_shape"])
+    spec["num_classes"] = int(num_classes or spec["num_classes"])
+    shape = {"input_shape": spec["input_shape"], "num_classes": spec["num_classes"]}
+    jax_bench = TrainBenchmark(model, batch_size, steps, dtype=dtype, steps_per_call=steps_per_call,
+                               **shape)
     plain_bench = None
     if plain:  # the same engine step with the default (XLA) modules and compiler options
         plain_bench = TrainBenchmark(model, batch_size, steps, dtype=dtype,
-                                     steps_per_call=steps_per_call, fast_paths=False)
+                                     steps_per_call=steps_per_call, fast_paths=False, **shape)
     torch_bench, extra_benches = None, {}
     if use_torch:
         from torch_models import TorchTrainBenchmark
@@ -64,6 +70,11 @@ def measure(model, batch_size, steps, windows, *, torch_device, threads, dtype, 
                 threads=n_threads,
             )
 
+        if torch_device != "cpu":
+            import torch
+
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its kernels
+            torch.cuda.reset_peak_memory_stats()
         torch_bench = twin(threads)
         if torch_bench.num_params != jax_bench.num_params:
             raise AssertionError(
@@ -98,6 +109,10 @@ def measure(model, batch_size, steps, windows, *, torch_device, threads, dtype, 
                         else f"eager float32, {threads} threads"),
             ratio=row["images_per_sec"] / torch_ips,
         )
+        if torch_bench.gpu:
+            import torch
+
+            row["torch_peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
         if plain_bench is not None:
             row["plain_ratio"] = row["plain_images_per_sec"] / torch_ips
         if extra_benches:
