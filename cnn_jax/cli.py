@@ -491,6 +491,35 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explore(args: argparse.Namespace) -> int:
+    workdir = _existing_workdir(args.workdir)
+    from cnn_jax.explore import Explorer, ExplorerServer
+    from cnn_jax.train.signals import Terminated
+
+    with ExplorerServer(None, args.port) as server:  # the port first: refused before compiling
+        explorer = Explorer.from_workdir(workdir, args.checkpoint)
+        server.attach(explorer)
+        _out(
+            f"explore: {explorer.config.model.name} from {workdir} "
+            f"(compiled in {explorer.compile_seconds:.1f} s)",
+            f"open {server.url} in a browser (this machine only); Ctrl-C stops",
+        )
+        try:
+            server.serve_forever(poll_interval=0.2)
+        except KeyboardInterrupt as e:
+            if isinstance(e, Terminated):
+                raise
+        finally:
+            stats = server.timings.summary()
+            if stats["requests"]:
+                _out(
+                    f"{stats['requests']} predictions: model {stats['model']['median']:.1f} ms "
+                    f"median (p90 {stats['model']['p90']:.1f}), whole request "
+                    f"{stats['total']['median']:.1f} ms median (p90 {stats['total']['p90']:.1f})"
+                )
+    return 0
+
+
 def _scripts() -> dict[str, Path]:
     """The script experiments (files of cnn_jax.experiments defining main, not get_config)."""
     from cnn_jax.config import experiments_dir
@@ -741,6 +770,17 @@ def build_parser() -> argparse.ArgumentParser:
             polarity_args(q)
             q.add_argument("--index", type=int, help="test image index (default: the first '8')")
             q.add_argument("--label", default="8", help="class name of the test image (default: 8)")
+
+    p = add(
+        "explore",
+        "serve an interactive page on 127.0.0.1: draw a digit and watch every layer respond",
+        cmd_explore,
+    )
+    p.add_argument("--workdir", required=True, help="the training folder")
+    p.add_argument(
+        "--port", type=int, default=8765, help="TCP port (default: 8765; 0: any free port)"
+    )
+    checkpoint_arg(p)
 
     p = add("run", "run a script experiment from experiments/ (e.g. filters, mlp_vs_cnn)", cmd_run)
     p.add_argument("script", metavar="SCRIPT", help="filters, feature_maps or mlp_vs_cnn")
