@@ -158,17 +158,22 @@ def packaging_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def source_copy(packaging_root) -> Path:
-    """The files a build reads (pyproject.toml, README.md, cnn_jax/, experiments/), copied."""
+    """The files a build reads (pyproject.toml, README.md, cnn_jax/, experiments/), copied: the
+    tracked and untracked files git does not ignore, so package data (the explorer's page) is
+    in the wheel exactly when a clone would have it."""
     src = packaging_root / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, src / name)
-    for folder in ("cnn_jax", "experiments"):
-        for path in (REPO / folder).rglob("*.py"):
-            if "__pycache__" not in path.parts:
-                target = src / path.relative_to(REPO)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, target)
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "cnn_jax", "experiments"],
+        cwd=REPO, check=True, capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
+    for path in (REPO / name for name in listed):
+        if path.is_file():
+            target = src / path.relative_to(REPO)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
     return src
 
 
@@ -265,6 +270,13 @@ def test_wheel_contents_and_requirements(wheel, source_copy):
         meta_text = zf.read(meta).decode()
     package = source_copy / "cnn_jax"
     expected = {p.relative_to(source_copy).as_posix() for p in package.rglob("*.py")}
+    # package data: the explorer's page (html, js, css)
+    expected |= {
+        p.relative_to(source_copy).as_posix()
+        for p in (package / "explore" / "static").glob("*")
+        if p.is_file()
+    }
+    assert "cnn_jax/explore/static/index.html" in expected
     expected |= {
         "cnn_jax/experiments/" + p.name for p in (source_copy / "experiments").glob("*.py")
     }
