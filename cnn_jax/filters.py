@@ -1,10 +1,19 @@
 """The classic hand-set 3x3 kernels from the CNN guides, applied with `ops.conv2d`.
 
 All kernels are read-only numpy float32 arrays of shape [3, 3], written for cross-correlation
-(the kernel is not flipped), the convention of `ops.conv2d` and every DL framework:
-`SOBEL_X` is positive where intensity increases to the right, `SOBEL_Y` where it increases
-downward. `VERTICAL_EDGE` / `HORIZONTAL_EDGE` are the guides' plain (unweighted) edge detectors,
-positive for bright-left/dark-right and bright-top/dark-bottom.
+(the kernel is not flipped), the convention of `ops.conv2d` and every DL framework.
+
+Edge kernels come in two sign conventions, both in use:
+  * gradient convention: `SOBEL_X` = [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]] is positive where
+    intensity increases to the right (the sign of d/dx, as in OpenCV's `Sobel`), `SOBEL_Y` where it
+    increases downward;
+  * edge-detector convention, the guides' (LearnOpenCV's worked example): `SOBEL_VERTICAL_EDGE` =
+    [[1, 0, -1], [2, 0, -2], [1, 0, -1]] = -`SOBEL_X` is positive for bright-left/dark-right,
+    `SOBEL_HORIZONTAL_EDGE` = -`SOBEL_Y` for bright-top/dark-bottom, like the plain (unweighted)
+    `VERTICAL_EDGE` / `HORIZONTAL_EDGE`. (Applied as a true, flipped convolution, the guides' kernel
+    gives the gradient's sign: that is where the two conventions come from.)
+Both conventions find the same edges; only the sign of the response differs. `IDENTITY` returns the
+image unchanged (the guides' "identity" kernel beside edge, sharpen and blur).
 """
 
 from __future__ import annotations
@@ -21,8 +30,11 @@ __all__ = [
     "EDGE_DETECT",
     "GAUSSIAN_BLUR",
     "HORIZONTAL_EDGE",
+    "IDENTITY",
     "KERNELS",
     "SHARPEN",
+    "SOBEL_HORIZONTAL_EDGE",
+    "SOBEL_VERTICAL_EDGE",
     "SOBEL_X",
     "SOBEL_Y",
     "VERTICAL_EDGE",
@@ -39,22 +51,29 @@ def _const(rows: list[list[float]], scale: float = 1.0) -> np.ndarray:
 
 SOBEL_X = _const([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]])
 SOBEL_Y = _const([[-1, -2, -1], [0, 0, 0], [1, 2, 1]])
+# The guides' Sobel kernels (edge-detector convention): the negatives of SOBEL_X / SOBEL_Y.
+SOBEL_VERTICAL_EDGE = _const([[1, 0, -1], [2, 0, -2], [1, 0, -1]])
+SOBEL_HORIZONTAL_EDGE = _const([[1, 2, 1], [0, 0, 0], [-1, -2, -1]])
 VERTICAL_EDGE = _const([[1, 0, -1], [1, 0, -1], [1, 0, -1]])
 HORIZONTAL_EDGE = _const([[1, 1, 1], [0, 0, 0], [-1, -1, -1]])
 EDGE_DETECT = _const([[-1, -1, -1], [-1, 8, -1], [-1, -1, -1]])  # Laplacian (8-neighbour)
 SHARPEN = _const([[0, -1, 0], [-1, 5, -1], [0, -1, 0]])
 BOX_BLUR = _const([[1, 1, 1], [1, 1, 1], [1, 1, 1]], 1 / 9)
 GAUSSIAN_BLUR = _const([[1, 2, 1], [2, 4, 2], [1, 2, 1]], 1 / 16)
+IDENTITY = _const([[0, 0, 0], [0, 1, 0], [0, 0, 0]])
 
 KERNELS: dict[str, np.ndarray] = {
     "sobel_x": SOBEL_X,
     "sobel_y": SOBEL_Y,
+    "sobel_vertical_edge": SOBEL_VERTICAL_EDGE,
+    "sobel_horizontal_edge": SOBEL_HORIZONTAL_EDGE,
     "vertical_edge": VERTICAL_EDGE,
     "horizontal_edge": HORIZONTAL_EDGE,
     "edge_detect": EDGE_DETECT,
     "sharpen": SHARPEN,
     "box_blur": BOX_BLUR,
     "gaussian_blur": GAUSSIAN_BLUR,
+    "identity": IDENTITY,
 }
 
 

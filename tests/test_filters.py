@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.signal import correlate2d  # scipy comes with scikit-learn
 
-from cnn_jax import filters
+from cnn_jax import filters, ops
 from cnn_jax.errors import ShapeError
 
 RNG = np.random.default_rng(0)
@@ -27,6 +27,9 @@ def test_kernel_constants():
         "sharpen",
         "box_blur",
         "gaussian_blur",
+        "sobel_vertical_edge",
+        "sobel_horizontal_edge",
+        "identity",
     }
     for name, k in filters.KERNELS.items():
         assert k.shape == (3, 3) and k.dtype == np.float32, name
@@ -42,11 +45,51 @@ def test_kernel_constants():
     for k in (
         filters.SOBEL_X,
         filters.SOBEL_Y,
+        filters.SOBEL_VERTICAL_EDGE,
+        filters.SOBEL_HORIZONTAL_EDGE,
         filters.EDGE_DETECT,
         filters.VERTICAL_EDGE,
         filters.HORIZONTAL_EDGE,
     ):
         assert k.sum() == 0
+
+
+# The LearnOpenCV guide's worked example: a 6x6 image and its vertical-edge Sobel kernel.
+GUIDE_IMAGE = np.array(
+    [
+        [20, 24, 11, 12, 16, 19],
+        [19, 17, 20, 23, 15, 9],
+        [21, 40, 25, 13, 14, 8],
+        [9, 18, 8, 6, 11, 22],
+        [31, 3, 7, 9, 17, 23],
+        [20, 12, 3, 11, 19, 30],
+    ],
+    np.float32,
+)
+
+
+def test_guide_worked_convolution_gives_3_and_27():
+    guide_kernel = np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], np.float32)
+    # 3 = 20*1 + 11*(-1) + 19*2 + 20*(-2) + 21*1 + 25*(-1); 27 = 24 - 12 + 2*17 - 2*23 + 40 - 13.
+    y = ops.conv2d(GUIDE_IMAGE[None, :, :, None], guide_kernel[:, :, None, None])
+    assert y.shape == (1, 4, 4, 1)
+    np.testing.assert_array_equal(y[0, 0, :2, 0], [3, 27])
+    np.testing.assert_array_equal(filters.SOBEL_VERTICAL_EDGE, guide_kernel)
+    named = filters.apply_filter(GUIDE_IMAGE, "sobel_vertical_edge", padding="VALID")
+    np.testing.assert_array_equal(named, y[0, :, :, 0])
+    # The gradient convention is the same filter with the opposite sign.
+    np.testing.assert_array_equal(filters.SOBEL_X, -filters.SOBEL_VERTICAL_EDGE)
+    np.testing.assert_array_equal(
+        filters.apply_filter(GUIDE_IMAGE, filters.SOBEL_X, padding="VALID")[0, :2], [-3, -27]
+    )
+    np.testing.assert_array_equal(filters.SOBEL_HORIZONTAL_EDGE, -filters.SOBEL_Y)
+    np.testing.assert_array_equal(filters.SOBEL_HORIZONTAL_EDGE, filters.SOBEL_VERTICAL_EDGE.T)
+
+
+def test_identity_kernel_returns_the_image():
+    np.testing.assert_array_equal(filters.apply_filter(GUIDE_IMAGE, "identity"), GUIDE_IMAGE)
+    np.testing.assert_array_equal(filters.apply_filter(RGB, filters.IDENTITY), RGB)
+    assert filters.IDENTITY.sum() == 1
 
 
 @pytest.mark.parametrize("name", sorted(filters.KERNELS))
