@@ -403,12 +403,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def _model_option(text: str) -> tuple[str, Any]:
+    """KEY=VALUE -> (key, value), the value read like a --set value: a Python literal (120,100 is a
+    tuple, None is None) or else the text itself (VALID, relu)."""
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=VALUE, e.g. first_padding=VALID; got {text!r}"
+        )
+    try:
+        return key.strip(), ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return key.strip(), value.strip()
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from cnn_jax.models import get_model
     from cnn_jax.models.summary import model_summary
 
     shape, classes = SUMMARY_DEFAULTS.get(args.model, ((224, 224, 3), 1000))
-    model = get_model(args.model, num_classes=args.num_classes or classes)
+    model = get_model(args.model, num_classes=args.num_classes or classes, **dict(args.options))
     _out(model_summary(model, args.input_shape or shape))
     return 0
 
@@ -707,7 +723,11 @@ def build_parser() -> argparse.ArgumentParser:
     polarity_args(p)
     checkpoint_arg(p)
 
-    p = add("summary", "print a model's layers (output shape, parameters) and total", cmd_summary)
+    p = add(
+        "summary",
+        "print a model's layers (output shape, parameters, receptive field) and total",
+        cmd_summary,
+    )
     p.add_argument("model", metavar="MODEL", help="a model name (see the error for the list)")
     p.add_argument(
         "--input-shape",
@@ -721,6 +741,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         metavar="N",
         help="output classes (default: 10 for lenet5 and mlp, 4 for simple_convnet, else 1000)",
+    )
+    p.add_argument(
+        "--option",
+        dest="options",
+        type=_model_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a model option, as in the config's model.options (repeatable), e.g. "
+        "--option first_padding=VALID --option hidden_features=120,100",
     )
 
     p = add("data", "list datasets or import local dataset files for offline use", None)

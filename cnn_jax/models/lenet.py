@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cnn_jax.errors import ConfigError
 from cnn_jax.layers import (
     POOLINGS,
     Activation,
@@ -37,14 +39,19 @@ class LeNet5(nn.Module):
       * "VALID": the original 32x32 input (also 61,706 parameters on 32x32x1 with 10 classes).
     Other sizes work too; only the first FC layer's width changes. The classic model uses tanh and
     average pooling (subsampling without the trainable coefficients); `act="relu"`,
-    `pooling="max"` give the modern variant ("sum" is subsampling's sum). Swappable blocks: `conv`,
-    `norm` (None: none, the classic model; else after each conv), `act` (also the head's) and `pool`.
+    `pooling="max"` give the modern variant ("sum" is subsampling's sum). `hidden_features` are the
+    widths of the fully connected layers before the logits, LeCun's (120, 84) by default. The
+    ujjwalkarn guide's network (Adam Harley's digit visualisation): 32x32 input,
+    `first_padding="VALID"`, `pooling="max"`, `hidden_features=(120, 100)` (63,802 parameters with
+    10 classes). Swappable blocks: `conv`, `norm` (None: none, the classic model; else after each
+    conv), `act` (also the head's) and `pool`.
     """
 
     num_classes: int = 10
     act: Activation = "tanh"
     pooling: str = "avg"
     first_padding: str = "SAME"
+    hidden_features: Sequence[int] = (120, 84)
     conv: ModuleDef = Conv
     norm: NormLike = None
     pool: ModuleDef = Pool
@@ -56,6 +63,16 @@ class LeNet5(nn.Module):
         norm_class(self.norm)
         check_choice("pooling", self.pooling, POOLINGS)
         check_choice("first_padding", self.first_padding, ("SAME", "VALID"))
+        widths = self.hidden_features
+        if (
+            isinstance(widths, (str, bytes))
+            or not isinstance(widths, Sequence)
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths)
+        ):
+            raise ConfigError(
+                f"hidden_features={widths!r} is not valid; expected a sequence of ints >= 1 (the "
+                "hidden layer widths, e.g. (120, 84); () for none)"
+            )
         super().__post_init__()
 
     @nn.compact
@@ -77,7 +94,7 @@ class LeNet5(nn.Module):
         x = block(16, padding="VALID", name="block2")(x, train)
         return DenseHead(
             self.num_classes,
-            hidden_features=(120, 84),
+            hidden_features=tuple(self.hidden_features),
             act=self.act,
             dtype=self.dtype,
             param_dtype=self.param_dtype,

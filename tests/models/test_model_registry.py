@@ -55,7 +55,7 @@ def test_unknown_option_names_it_and_the_valid_options():
     with pytest.raises(
         ConfigError,
         match=r"'lenet5' has no option\(s\) 'depth'; valid options: "
-        r"act, conv, dtype, first_padding, norm, param_dtype, pool, pooling",
+        r"act, conv, dtype, first_padding, hidden_features, norm, param_dtype, pool, pooling",
     ):
         get_model("lenet5", num_classes=10, depth=3)
 
