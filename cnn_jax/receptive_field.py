@@ -101,7 +101,9 @@ def receptive_fields(
 
     input_shape: (H, W, C). One record per call, in call order (a parent before its children), the
     same rows as `models.summary.summary_rows`. Nothing is computed: the model is traced abstractly.
-    Raises the model's own errors (e.g. `ShapeError`) for bad inputs.
+    With `train=True`, BatchNorm normalises with the batch's own statistics, so every layer after
+    the first BatchNorm is global (each unit then depends on the whole input). Raises the model's
+    own errors (e.g. `ShapeError`) for bad inputs.
     """
     records, _ = receptive_fields_and_shapes(
         model, input_shape, batch_size=batch_size, train=train, dtype=dtype
