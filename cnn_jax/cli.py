@@ -345,14 +345,51 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cnn_jax.train import export_npz, load
 
     out = Path(args.out)
-    if out.suffix != ".npz":
-        raise ConfigError(f"--out {str(out)!r}: expected a file name ending in .npz")
+    if out.suffix != f".{args.format}":
+        raise ConfigError(
+            f"--out {str(out)!r}: expected a file name ending in .{args.format} (--format "
+            f"{args.format})"
+        )
     _check_output_folder("--out", out)
-    _, variables, _ = load(workdir, args.checkpoint)
+    _, variables, config = load(workdir, args.checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
-    export_npz(variables, out)
-    _out(f"wrote {out} ({count_params(variables.get('params', variables)):,} parameters)")
+    naming = ""
+    if args.format == "safetensors":
+        naming = f", {_export_safetensors(variables, config.model.name, out)}"
+    else:
+        export_npz(variables, out)
+    _out(f"wrote {out} ({count_params(variables.get('params', variables)):,} parameters{naming})")
     return 0
+
+
+def _export_safetensors(variables: dict, model_name: str, out: Path) -> str:
+    """Writes `variables` to `out` with torchvision's tensor names when the model is a twin of a
+    torchvision model with its tensors (else the .npz names, 'params/conv1/kernel'); says which."""
+    import jax
+    import numpy as np
+    from flax.core import unfreeze
+    from flax.traverse_util import flatten_dict
+
+    from cnn_jax import pretrained
+    from cnn_jax.pretrained.files import write_safetensors
+
+    if model_name in pretrained.TWINS:
+        twin = pretrained.TWINS[model_name]
+        try:
+            tensors = pretrained.to_torchvision(variables, model_name)
+        except DataError:  # e.g. cifar_stem=True: another conv1, so not torchvision's tensors
+            why = f"its options change torchvision's {twin} tensors"
+        else:
+            write_safetensors(tensors, out, {"format": "pt", "cnn_jax_model": model_name})
+            return f"torchvision's {twin} names"
+    else:
+        why = f"{model_name} has no torchvision twin"
+    flat = {
+        key: np.asarray(jax.device_get(leaf))
+        for key, leaf in flatten_dict(unfreeze(variables), sep="/").items()
+    }
+    write_safetensors(flat, out, {"format": "np", "cnn_jax_model": model_name})
+    return f"cnn_jax's names ({why})"
 
 
 def _read_matching_images(config, paths, shape, polarity: str):
@@ -705,9 +742,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="the training folder (default: checkpoints/EXPERIMENT)")
     checkpoint_arg(p)
 
-    p = add("export", "write trained parameters and batch statistics to one .npz file", cmd_export)
+    p = add(
+        "export",
+        "write trained parameters and batch statistics to one .npz or .safetensors file",
+        cmd_export,
+    )
     p.add_argument("--workdir", required=True, help="the training folder")
-    p.add_argument("--out", required=True, metavar="FILE.npz", help="output file")
+    p.add_argument("--out", required=True, metavar="FILE", help="output file (.npz, .safetensors)")
+    p.add_argument(
+        "--format",
+        choices=("npz", "safetensors"),
+        default="npz",
+        help="npz (default; keys 'params/conv1/kernel') or safetensors (torchvision's tensor "
+        "names and layouts for the models with a torchvision twin, loadable into "
+        "torchvision.models; the npz keys for the others)",
+    )
     checkpoint_arg(p)
 
     p = add("predict", "classify PNG/JPEG images with a trained model (softmax top-k)", cmd_predict)

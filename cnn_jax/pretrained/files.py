@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -112,14 +113,19 @@ def write_safetensors(
 ) -> None:
     """`safetensors.numpy.save_file`, atomically; an OSError becomes a `DataError` naming `path`."""
     st = _safetensors_numpy()
+    import safetensors
+
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         st.save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     except OSError as e:
         raise DataError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
+    except safetensors.SafetensorError as e:  # its I/O errors (no such folder, disk full)
+        raise DataError(f"cannot write {str(path)!r}: {e}") from e
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. no folder to have written it in
+            tmp.unlink(missing_ok=True)
 
 
 def load_weights(
