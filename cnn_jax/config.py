@@ -38,6 +38,7 @@ FEEDERS = ("auto", "device", "streaming")
 BEST_MODES = ("max", "min")
 BEST_METRICS = ("accuracy", "top5_accuracy", "loss")  # what an evaluation reports
 FAST_PATHS = ("auto", "on", "off")
+PRETRAINED_FORMATS = ("auto", "torchvision", "keras", "cnn_jax")
 EXPERIMENTS_PACKAGE = "cnn_jax.experiments"
 
 ConfigDict = ml_collections.ConfigDict
@@ -62,6 +63,11 @@ def default_config() -> ml_collections.ConfigDict:
     # when training on CPU devices; GPUs and TPUs keep XLA's own paths). The results agree to
     # float32 rounding.
     c.model.fast_paths = "auto"
+    # Start a new run from a weights file (a resumed run ignores it): torchvision's .safetensors
+    # / .pth of a twin, Keras' VGG .h5, or a `cnn-jax export` .npz. The head (the layers whose
+    # shape depends on num_classes) is re-initialised for the dataset's classes.
+    c.model.pretrained = ""
+    c.model.pretrained_format = "auto"  # auto (by file name) | torchvision | keras | cnn_jax
 
     c.dataset = ConfigDict()
     c.dataset.name = "digits"
@@ -107,6 +113,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.step_boundaries = []
     c.optimizer.step_factor = 0.1
     c.optimizer.grad_clip_norm = 0.0  # 0 disables clipping
+    # Fine-tuning: train only the head (every other parameter stays as loaded, BatchNorm uses its
+    # running averages), or scale the backbone's learning rate by this factor (1: no change).
+    c.optimizer.freeze_backbone = False
+    c.optimizer.backbone_lr_scale = 1.0
 
     c.checkpoint = ConfigDict()
     c.checkpoint.every_steps = 0  # 0: at the end of every epoch
@@ -506,6 +516,10 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         )
     fast = c.model.fast_paths
     _check(fast in FAST_PATHS, "model.fast_paths", fast, f"one of {FAST_PATHS}")
+    fmt = c.model.pretrained_format
+    _check(
+        fmt in PRETRAINED_FORMATS, "model.pretrained_format", fmt, f"one of {PRETRAINED_FORMATS}"
+    )
     _check(t.batch_size > 0, "train.batch_size", t.batch_size, "an integer > 0")
     _check(t.eval_batch_size > 0, "train.eval_batch_size", t.eval_batch_size, "an integer > 0")
     _check(
@@ -551,6 +565,18 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         "optimizer.grad_clip_norm",
         o.grad_clip_norm,
         "a number >= 0 (0 disables)",
+    )
+    _check(
+        0 < o.backbone_lr_scale <= 1,
+        "optimizer.backbone_lr_scale",
+        o.backbone_lr_scale,
+        "a number in (0, 1] (optimizer.freeze_backbone=True freezes the backbone)",
+    )
+    _check(
+        not (o.freeze_backbone and o.backbone_lr_scale != 1),
+        "optimizer.backbone_lr_scale",
+        o.backbone_lr_scale,
+        "1 when optimizer.freeze_backbone is True (a frozen backbone has no learning rate)",
     )
     _check(d.feeder in FEEDERS, "dataset.feeder", d.feeder, f"one of {FEEDERS}")
     _check(

@@ -24,6 +24,7 @@ CONFIGS = [
     "vgg16_cifar10",
     "resnet18_cifar10",
     "resnet50_imagenet",
+    "resnet18_digits_finetune",  # needs a weights file: tests/train/test_finetune.py runs it
 ]
 # Tiny runs: batches divisible by the 8 forced CPU devices of `make test`.
 TINY = ["train.batch_size=8", "train.eval_batch_size=8", "checkpoint.async_save=False"]

@@ -58,8 +58,9 @@ class Compiled:
     take(split, perm, start, size) -> batch: the global batch split[perm[start:start + size]] of
         a split held on the devices, laid out like `put_batch`'s.
     permutation(epoch, num_examples) -> perm: the epoch's order, on the devices.
-    init_state(image_shape, rng) -> state; replicate(host tree) -> devices; put_batch(this
-    process's part of a global batch) -> devices; host(device tree) -> one logical copy.
+    init_state(image_shape, rng[, variables]) -> state (`create_train_state`); replicate(host
+    tree) -> devices; put_batch(this process's part of a global batch) -> devices; host(device
+    tree) -> one logical copy.
     """
 
     name: str
@@ -181,7 +182,9 @@ def compile_jit(
         evaluate=jit(evaluate, donate_argnums=(1,)),
         take=lambda split, perm, start, size: take(split, perm, np.int32(start), size),
         permutation=lambda epoch, n: permutation(np.int32(epoch), n),
-        init_state=lambda shape, rng: create_train_state(model, tx, shape, rng, replicated),
+        init_state=lambda shape, rng, variables=None: create_train_state(
+            model, tx, shape, rng, replicated, variables=variables
+        ),
         replicate=replicate,
         put_batch=lambda batch: jax.tree.map(
             lambda v: jax.make_array_from_process_local_data(sharded, np.asarray(v)), batch
@@ -249,7 +252,9 @@ def compile_pmap(
             split, perm, replicate(np.int32(start)), size
         ),
         permutation=lambda epoch, n: perm_fn(replicate(np.int32(epoch)), n),
-        init_state=lambda shape, rng: replicate(create_train_state(model, tx, shape, rng)),
+        init_state=lambda shape, rng, variables=None: replicate(
+            create_train_state(model, tx, shape, rng, variables=variables)
+        ),
         replicate=replicate,
         put_batch=put_batch,
         host=lambda tree: jax.tree.map(lambda x: x[0], tree),  # equal on every device

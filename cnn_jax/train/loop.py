@@ -20,6 +20,7 @@ from cnn_jax import config as config_lib
 from cnn_jax import fast_paths, parallel
 from cnn_jax.errors import CheckpointError, CnnJaxError
 from cnn_jax.models.summary import count_params
+from cnn_jax.pretrained import finetune
 from cnn_jax.train import optimizers, resume
 from cnn_jax.train.checkpoints import CheckpointStore, DamagedCheckpointError, _sync_processes
 from cnn_jax.train.compile import BACKENDS, TRAIN_SUMS, Compiled, StepSettings
@@ -124,11 +125,19 @@ def run_steps(compiled: Compiled, state, sums, batches, num_steps: int, group: i
 
 
 def restore_or_init(
-    store: CheckpointStore, compiled: Compiled, abstract_state, image_shape, rng, *, strict: bool
+    store: CheckpointStore,
+    compiled: Compiled,
+    abstract_state,
+    image_shape,
+    rng,
+    *,
+    strict: bool,
+    initial_variables: dict | None = None,
 ):
     """(state, start step, meta or {}, damaged checkpoints skipped): resumes from the newest
     readable checkpoint. A damaged one is moved aside and reported (or raises when `strict`); a
-    checkpoint of another model/optimizer raises `CheckpointError`."""
+    checkpoint of another model/optimizer raises `CheckpointError`. Without checkpoints, a new
+    state (from `initial_variables` where they have a leaf: pretrained weights)."""
     damaged = []
     for step in reversed(store.all_steps()):
         try:
@@ -144,7 +153,7 @@ def restore_or_init(
             f"every checkpoint in {str(store.directory)!r} is damaged; not training from scratch "
             "over them (move them away to start again):\n  " + "\n  ".join(damaged)
         )
-    return compiled.init_state(image_shape, rng), 0, {}, damaged
+    return compiled.init_state(image_shape, rng, initial_variables), 0, {}, damaged
 
 
 class _Window:
@@ -236,10 +245,11 @@ def train_and_evaluate(
         # -- may this run continue what the workdir holds? (nothing is written before) ---------
         devices = jax.devices()
         config.model.fast_paths = "on" if fast_paths_wanted(config, devices) else "off"
-        changes = {}
+        changes, resuming = {}, False
         if not start_over:
             resume.check_checkpoint_dir(workdir)
             if resume.saved_steps(workdir):
+                resuming = True
                 changes = resume.check_config(
                     workdir, config, allow_changes=resume_with_changed_config
                 )
@@ -257,7 +267,11 @@ def train_and_evaluate(
                 model = build_model(
                     config, feeder.num_classes, fast_paths=config.model.fast_paths == "on"
                 )
-                tx = optimizers.make_optimizer(config, spe, num_total)
+                # fine-tuning: a frozen backbone's BatchNorm, the head, the weights file's variables
+                model, head, pretrained = finetune.prepare(
+                    config, model, feeder.image_shape, resuming=resuming
+                )
+                tx = optimizers.make_optimizer(config, spe, num_total, head_paths=head)
                 compiled = compile_for(config, model, tx, feeder, devices)
                 abstract_state = abstract_train_state(model, tx, feeder.image_shape)
                 num_params = count_params(abstract_state.params)
@@ -282,6 +296,7 @@ def train_and_evaluate(
                     feeder.image_shape,
                     RunKeys.from_seed(int(config.seed)).init,
                     strict=bool(ck.strict_resume),
+                    initial_variables=pretrained,
                 )
                 if is_main:
                     write_atomically(

@@ -5,9 +5,13 @@ Steps are optimizer updates (one per global batch, whatever `train.grad_accum_st
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Collection
+
 import jax
 import ml_collections
 import optax
+from flax import traverse_util
 
 from cnn_jax.errors import ConfigError
 
@@ -56,20 +60,64 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def param_labels(params, head_paths: Collection[str]):
+    """'head' for the parameters whose '/'-joined path (e.g. 'fc/kernel') is in `head_paths`,
+    'backbone' for the others: the labels of `optax.multi_transform`."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    labels = {path: "head" if path in head_paths else "backbone" for path in flat}
+    return traverse_util.unflatten_dict(labels, sep="/")
+
+
 def make_optimizer(
-    config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+    config: ml_collections.ConfigDict,
+    steps_per_epoch: int,
+    total_steps: int,
+    *,
+    head_paths: Collection[str] | None = None,
 ) -> optax.GradientTransformation:
     """The full update rule: clip by global norm -> (L2 decay) -> SGD/Adam, or decoupled AdamW.
 
     SGD and Adam take weight decay as an L2 term added to the gradient
     (`optax.add_decayed_weights`); AdamW decouples it. Either way it is masked off biases and
     normalisation scales.
+
+    Fine-tuning (`head_paths`: the head's parameter paths, `cnn_jax.pretrained.finetune`):
+    `optimizer.freeze_backbone` applies the rule to the head alone (clipped by the head's own
+    norm) and `optax.set_to_zero` to every other parameter, which then never changes;
+    `optimizer.backbone_lr_scale` s < 1 clips all gradients together, then scales the
+    backbone's updates by s (its learning rate times s, weight decay included).
     """
     opt = config.optimizer
     schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
-    parts = []
+    clip = []
     if opt.grad_clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(float(opt.grad_clip_norm)))
+        clip.append(optax.clip_by_global_norm(float(opt.grad_clip_norm)))
+    freeze, scale = bool(opt.freeze_backbone), float(opt.backbone_lr_scale)
+    if not freeze and scale == 1.0:
+        return optax.chain(*clip, *_update_rule(config, schedule))
+    if not head_paths:
+        raise ConfigError(
+            "optimizer.freeze_backbone and optimizer.backbone_lr_scale need the model's head "
+            "(head_paths, from cnn_jax.pretrained.finetune.head_paths)"
+        )
+    labels = functools.partial(param_labels, head_paths=frozenset(head_paths))
+    if freeze:
+        transforms = {
+            "head": optax.chain(*clip, *_update_rule(config, schedule)),
+            "backbone": optax.set_to_zero(),
+        }
+        return optax.multi_transform(transforms, labels)
+    transforms = {
+        "head": optax.chain(*_update_rule(config, schedule)),
+        "backbone": optax.chain(*_update_rule(config, schedule), optax.scale(scale)),
+    }
+    return optax.chain(*clip, optax.multi_transform(transforms, labels))
+
+
+def _update_rule(config: ml_collections.ConfigDict, schedule) -> list:
+    """The transforms of (L2 decay ->) SGD / Adam, or AdamW, with the learning rate `schedule`."""
+    opt = config.optimizer
+    parts = []
     if opt.name in ("sgd", "adam") and opt.weight_decay > 0:
         parts.append(optax.add_decayed_weights(float(opt.weight_decay), mask=decay_mask))
     if opt.name == "sgd":
@@ -92,4 +140,4 @@ def make_optimizer(
             f"config key 'optimizer.name' has invalid value {opt.name!r}; "
             "expected one of ('sgd', 'adam', 'adamw')"
         )
-    return optax.chain(*parts)
+    return parts
