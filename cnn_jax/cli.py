@@ -417,6 +417,13 @@ def _read_matching_images(config, paths, shape, polarity: str):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if (args.workdir is None) == (args.weights is None):
+        raise ConfigError(
+            "predict needs either --workdir DIR (a run trained here) or --weights FILE with "
+            "--model NAME (e.g. torchvision's ImageNet weights)"
+        )
+    if args.weights is not None:
+        return _predict_with_weights(args)
     workdir = _existing_workdir(args.workdir)
     import numpy as np
 
@@ -428,10 +435,39 @@ def cmd_predict(args: argparse.Namespace) -> int:
     shape = spec["native_shape"]
     images = _read_matching_images(config, args.images, shape, args.polarity)
     probs = predict.predict_probs(config, model, variables, images)
-    k = min(args.top_k, probs.shape[-1])
+    k = min(args.top_k or 3, probs.shape[-1])
     for path, p in zip(args.images, probs):
         top = np.argsort(-p)[:k]
         _out(f"{path}: " + ", ".join(f"{spec['class_names'][i]} {_percent(p[i])}" for i in top))
+    return 0
+
+
+def _predict_with_weights(args: argparse.Namespace) -> int:
+    """`predict --weights FILE --model NAME`: ImageNet's evaluation crop of each image, the
+    file's preprocessing (torchvision's, or Keras' VGG's for a Keras file), the top-k classes."""
+    if not args.model:
+        raise ConfigError("--weights needs --model NAME: the network the file holds, e.g. resnet50")
+    import numpy as np
+
+    from cnn_jax.pretrained import imagenet, sources
+
+    model, variables, fmt = sources.load_model(
+        args.weights, args.model, args.weights_format, "--weights-format"
+    )
+    preprocessing = args.preprocessing
+    if preprocessing == "auto":
+        preprocessing = "keras_vgg" if fmt == "keras" else "torchvision"
+    images = np.stack([imagenet.read_image(path) for path in args.images])
+    if args.polarity == "invert":
+        images = 255 - images
+    probs = imagenet.predict_probs(model, variables, images, preprocessing)
+    names = [f"class {i}" for i in range(probs.shape[-1])]
+    if probs.shape[-1] == imagenet.NUM_CLASSES:
+        names = [imagenet.short_name(name) for name in imagenet.class_names()]
+    k = min(args.top_k or 5, probs.shape[-1])
+    for path, p in zip(args.images, probs):
+        top = imagenet.top_k(p, k)
+        _out(f"{path}: " + ", ".join(f"{names[i]} {_percent(q)}" for i, q in top))
     return 0
 
 
@@ -760,14 +796,34 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint_arg(p)
 
     p = add("predict", "classify PNG/JPEG images with a trained model (softmax top-k)", cmd_predict)
-    p.add_argument("--workdir", required=True, help="the training folder")
+    p.add_argument("--workdir", help="the training folder (or --weights and --model)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
     p.add_argument(
         "--top-k",
         type=_positive_int,
-        default=3,
         metavar="K",
-        help="classes to show per image (default: 3)",
+        help="classes to show per image (default: 3; 5 with --weights)",
+    )
+    p.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="predict with a weights file instead of a trained run: torchvision's .safetensors "
+        "or .pth of a twin, Keras' VGG .h5, or a cnn-jax export; each image is read as "
+        "ImageNet's evaluation does (shorter side 256, centre 224x224 crop)",
+    )
+    p.add_argument("--model", metavar="NAME", help="the network the --weights file holds")
+    p.add_argument(
+        "--weights-format",
+        choices=("auto", "torchvision", "keras", "cnn_jax"),
+        default="auto",
+        help="the --weights file's kind (default: from its name)",
+    )
+    p.add_argument(
+        "--preprocessing",
+        choices=("auto", "torchvision", "keras_vgg"),
+        default="auto",
+        help="with --weights: torchvision (mean/std normalisation) or keras_vgg (BGR, mean "
+        "subtracted); default: keras_vgg for Keras files, else torchvision",
     )
     polarity_args(p)
     checkpoint_arg(p)
