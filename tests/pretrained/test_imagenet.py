@@ -5,8 +5,10 @@ torchvision's eval transform reproduced on real JPEG and PNG files, and `cnn-jax
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,25 +112,37 @@ def test_preprocessings():
         imagenet.preprocess(pixels, "caffe2")
 
 
-def test_predict_with_torchvision_weights_prints_torchvisions_top5(tmp_path, image_files, capsys):
-    """`cnn-jax predict --model resnet50 --weights FILE` with random torchvision weights saved as
-    .safetensors: the printed top-5 are torchvision's top-5 for the same files."""
+def readme_python(title: str) -> str:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = text.index(f"### {title}")
+    section = text[start : text.index("\n### ", start + 1)]
+    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    return code
+
+
+def test_predict_with_torchvision_weights_prints_torchvisions_top5(
+    tmp_path, image_files, capsys, monkeypatch
+):
+    """`cnn-jax predict --model resnet18 --weights FILE` with random torchvision weights saved as
+    .safetensors (ResNet-18: the README's resnet50 command at a quarter of the cost): the printed
+    top-5 are torchvision's top-5 for the same files; the README's Python example gives the same
+    probabilities."""
     torchvision = torchvision_or_skip()
     import safetensors.torch
     import torch
 
     torch.manual_seed(0)
-    net = torchvision.models.resnet50().eval()
+    net = torchvision.models.resnet18().eval()
     with torch.no_grad():  # spread the logits: random BatchNorm statistics and a larger fc
         for module in net.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.2, 0.2)
                 module.running_var.uniform_(0.5, 2.0)
         net.fc.weight.mul_(20.0)
-    path = tmp_path / "resnet50.safetensors"
+    path = tmp_path / "resnet18.safetensors"
     safetensors.torch.save_file(net.state_dict(), str(path))
     files = [image_files["landscape.jpg"], image_files["portrait.png"]]
-    code = cli.main(["predict", "--model", "resnet50", "--weights", str(path), *map(str, files)])
+    code = cli.main(["predict", "--model", "resnet18", "--weights", str(path), *map(str, files)])
     out, err = capsys.readouterr()
     assert code == 0, err
     lines = out.strip().splitlines()
@@ -146,6 +160,15 @@ def test_predict_with_torchvision_weights_prints_torchvisions_top5(tmp_path, ima
         )
         assert line == f"{file}: {want}"
         assert len(re.findall(r"\d+\.\d\d%", line)) == 5
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(files[0], tmp_path / "cat.jpg")
+    namespace: dict = {}
+    exec(compile(readme_python("ImageNet prediction"), "README.md", "exec"), namespace)  # noqa: S102
+    assert namespace["fmt"] == "torchvision" and namespace["probs"].shape == (1, 1000)
+    top = imagenet.top_k(namespace["probs"][0], 5)
+    assert lines[0].endswith(
+        ", ".join(f"{imagenet.short_name(names[i])} {100 * p:.2f}%" for i, p in top)
+    )
 
 
 @pytest.mark.parametrize(

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 
-import h5py
 import numpy as np
 import pytest
 
 from cnn_jax.errors import ConfigError, DataError
 from cnn_jax.pretrained import imagenet
 from cnn_jax.pretrained import keras as keras_weights
+
+h5py = pytest.importorskip("h5py")  # comes with TensorFlow (the 'full' extra)
 
 
 def zero_keras_arrays(model_name: str):
