@@ -179,7 +179,7 @@ def test_loaded_backbone_gives_the_source_models_features(tmp_path, channels):
     net.fc = torch.nn.Linear(512, 10)
     with torch.no_grad():
         net.fc.weight.copy_(torch.from_numpy(np.asarray(fc["kernel"]).T.copy()))
-        net.fc.bias.copy_(torch.from_numpy(np.asarray(fc["bias"])))
+        net.fc.bias.copy_(torch.from_numpy(np.array(fc["bias"])))
     x = np.random.default_rng(1).normal(size=(2, *shape)).astype(np.float32)
     ours = np.asarray(model.apply(state.variables(), x, train=False))
     x_rgb = np.repeat(x, 3, axis=-1) if channels == 1 else x
