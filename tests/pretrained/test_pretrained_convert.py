@@ -250,3 +250,19 @@ def test_unwritable_output_is_named(tmp_path):
             random_variables("resnet18"), "resnet18", tmp_path / "file" / "w.safetensors"
         )
     assert list(tmp_path.iterdir()) == [tmp_path / "file"]
+
+
+def test_missing_torchvision_is_named(monkeypatch):
+    from cnn_jax.pretrained import torch_compat
+
+    real = torch_compat.importlib.util.find_spec
+    monkeypatch.setattr(
+        torch_compat.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "torchvision" else real(name, *a),
+    )
+    monkeypatch.delitem(torch_compat.sys.modules, "torchvision", raising=False)
+    reason = torch_compat.missing_reason()
+    assert reason.startswith("torchvision is not installed") and "'.[test]'" in reason
+    with pytest.raises(ImportError, match="torchvision is not installed"):
+        torch_compat.import_torchvision()
