@@ -25,7 +25,6 @@ cost no memory beyond MAX_IDX_BYTES); images are brought to 8 bits by `images.to
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import math
 import os
@@ -36,7 +35,7 @@ import warnings
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar, Self
+from typing import ClassVar
 
 import numpy as np
 
@@ -45,6 +44,7 @@ from cnn_jax.data.images import GRAY_MODES, to_8bit
 from cnn_jax.data.registry import STANDARD_IMPORTS, resolve_data_dir
 from cnn_jax.data.safe_files import ArchiveReader, check_file_size, restricted_pickle_load
 from cnn_jax.errors import DataError
+from cnn_jax.file_lock import FileLock, LockHeld
 
 # ----------------------------------------------------------------------------------------------
 # IDX files (MNIST, Fashion-MNIST)
@@ -500,56 +500,31 @@ def _usable_data_dir(data_dir: Path) -> None:
         ) from e
 
 
-class _ImportLock:
-    """An exclusive `fcntl.flock` on `data_dir/.cnn_jax-import-NAME.lock` while NAME is imported.
-
-    As for workdirs (`cnn_jax.train.workdir.WorkdirLock`): taking it is atomic, the kernel
-    releases it when its holder dies, however it dies, and the file stays. So, under the lock,
-    any `.import-NAME-*` temporary folder belongs to an import that is no longer running (it was
-    killed) and is removed.
+class _ImportLock(FileLock):
+    """An exclusive lock on `data_dir/.cnn_jax-import-NAME.lock` while NAME is imported
+    (`cnn_jax.file_lock.FileLock`, as for workdirs): the kernel releases it when its holder
+    dies, however it dies, so, under the lock, any `.import-NAME-*` temporary folder belongs to
+    an import that is no longer running (it was killed) and is removed.
     """
 
     def __init__(self, data_dir: Path, name: str):
+        super().__init__(data_dir / f".cnn_jax-import-{name}.lock")
         self.data_dir, self.name = data_dir, name
-        self.path = data_dir / f".cnn_jax-import-{name}.lock"
-        self._fd: int | None = None
 
-    def __enter__(self) -> Self:
+    def acquire(self) -> None:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise DataError(
-                f"data dir {str(self.data_dir)!r}: cannot create the lock file {self.path.name} "
-                f"({e.strerror or e}); expected a writable folder"
-            ) from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                pid = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
-            finally:
-                os.close(fd)
+            super().acquire()
+        except LockHeld as e:
             raise DataError(
                 f"dataset {self.name!r} is being imported into {str(self.data_dir)!r} by another "
-                f"process (process id {pid}); wait for it to finish (then the dataset is there), "
+                f"process ({e.describe()}); wait for it to finish (then the dataset is there), "
                 "or stop it and import again"
             ) from None
         except OSError as e:
-            os.close(fd)
-            raise DataError(f"cannot lock {str(self.path)!r} for the import: {e}") from e
-        self._fd = fd
-        try:  # the pid is only for the message above; a full disk must not stop the import
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
-        except OSError:
-            pass
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+            raise DataError(
+                f"data dir {str(self.data_dir)!r}: cannot create or lock {self.path.name} "
+                f"({e.strerror or e}); expected a writable folder"
+            ) from e
 
 
 def stale_import_folders(data_dir: Path, name: str) -> list[Path]:

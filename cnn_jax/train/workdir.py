@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
-import socket
 from pathlib import Path
-from typing import Self
 
 from cnn_jax.errors import CheckpointError
+from cnn_jax.file_lock import FileLock, LockHeld
 
 LOCK_NAME = ".lock"
 
@@ -56,61 +53,21 @@ def write_atomically(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-class WorkdirLock:
-    """An exclusive `fcntl.flock` on `<workdir>/.lock`, which also records the holder's pid and
-    host for the error message.
-
-    The lock is the kernel's: taking it is atomic (two processes racing can never both get it)
-    and it is released when its holder exits, however it dies, so there are no stale locks to
-    detect. The file itself stays (deleting a lock file lets a racing process lock the deleted
-    copy). A lock on a network file system without flock support is refused with a message.
-    """
+class WorkdirLock(FileLock):
+    """An exclusive lock on `<workdir>/.lock` (`cnn_jax.file_lock.FileLock`: the kernel's
+    `fcntl.flock`, atomic, released however its holder dies). A lock on a network file system
+    without flock support is refused with a message."""
 
     def __init__(self, workdir: Path):
-        self.path = Path(workdir) / LOCK_NAME
-        self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
+        super().__init__(Path(workdir) / LOCK_NAME)
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = self._owner()
-            os.close(fd)
-            here = socket.gethostname()
-            where = "" if owner.get("host") in (None, here) else f" on host {owner.get('host')}"
+            super().acquire()
+        except LockHeld as e:
             raise CheckpointError(
-                f"workdir {str(self.path.parent)!r} is in use by another run (process id "
-                f"{owner.get('pid', 'unknown')}{where}); wait for it, stop it, or use another "
-                "--workdir"
+                f"workdir {str(self.path.parent)!r} is in use by another run ({e.describe()}); "
+                "wait for it, stop it, or use another --workdir"
             ) from None
         except OSError as e:
-            os.close(fd)
             raise CheckpointError(f"cannot lock the workdir {str(self.path.parent)!r}: {e}") from e
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
-        self._fd = fd
-
-    def _owner(self) -> dict:
-        try:
-            owner = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}  # the holder is between taking the lock and writing its pid
-        return owner if isinstance(owner, dict) else {}
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> Self:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()

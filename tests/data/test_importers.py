@@ -394,7 +394,7 @@ def _hold_import_lock(data_dir: Path, name: str):
     data_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(data_dir / f".cnn_jax-import-{name}.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.write(fd, b"4242")
+    os.write(fd, b'{"pid": 4242}')  # as cnn_jax.file_lock.FileLock records its holder
     return fd
 
 
