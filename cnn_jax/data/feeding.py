@@ -6,6 +6,8 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -97,3 +99,48 @@ def prefetch_to_device(batches: Iterable[Any], put: Any, size: int = 2) -> Itera
             yield queue.popleft()
     while queue:
         yield queue.popleft()
+
+
+def read_ahead(items: Iterable[Any], size: int, *, close_timeout: float = 10.0) -> Iterator[Any]:
+    """Yields `items` in their order, produced by a thread of its own up to `size` items ahead
+    of the caller, so producing them overlaps the caller's work, also where one underlying
+    iterator ends and the next begins (a streamed epoch's pipeline starts while the caller still
+    takes the previous epoch's batches). An exception raised while producing is raised here, at
+    its place in the sequence. Closing this generator (or dropping it) stops the thread and waits
+    for the item it is producing, up to `close_timeout` seconds, so nothing is read after."""
+    if size < 1:
+        raise ValueError(f"size={size!r}: expected an integer >= 1")
+    buffer: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except Exception as e:  # noqa: BLE001 -- handed to the caller's thread
+            put(("error", e))
+
+    thread = threading.Thread(target=produce, name="cnn_jax-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, payload = buffer.get()
+            if kind == "error":
+                raise payload
+            if kind == "end":
+                return
+            yield payload
+    finally:
+        stop.set()
+        thread.join(close_timeout)

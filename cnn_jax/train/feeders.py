@@ -172,8 +172,9 @@ class ResidentFeeder(Feeder):
 
 @dataclasses.dataclass
 class StreamingFeeder(Feeder):
-    """tf.data batches read on the host (each process its shard), prefetched to the devices two
-    steps ahead so the copies overlap the running step."""
+    """tf.data batches read on the host (each process its shard) and made ahead by tf.data's
+    threads, then copied to the devices (laid out for the mesh by `compiled.put_batch`) two
+    steps ahead of use, so decoding and the copies overlap the running steps."""
 
     open_train: Callable[[int], Iterator[dict]] | None = None  # start_step -> host batches
     open_eval: Callable[[], Iterator[dict]] | None = None
@@ -244,6 +245,13 @@ def make_feeder(config, num_devices: int, *, eval_only: bool = False) -> Feeder:
         "classes": classes,
         "config": config,
     }
+    from cnn_jax.train.loop import steps_per_call  # (the loop module imports this one)
+
+    # Host batches made ahead (across epoch boundaries): at least two compiled calls' worth, so
+    # that after the loop has waited for the devices (a log point, an evaluation) a whole call's
+    # batches are ready at once; with fewer the devices idle while the host makes the rest
+    # (benchmarks/input_pipeline.py --jpeg).
+    prefetch = 2 * max(steps_per_call(config, jax.devices()), 4) + 2
     return StreamingFeeder(
         kind="streaming",
         num_train=num_train,
@@ -254,6 +262,7 @@ def make_feeder(config, num_devices: int, *, eval_only: bool = False) -> Feeder:
             batch_size=int(t.batch_size) // processes,
             seed=int(config.seed),
             start_step=start_step,
+            prefetch=prefetch,
             **source,
         ),
         open_eval=lambda: streaming.eval_batches(
