@@ -491,6 +491,8 @@ def main(argv=None) -> int:
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.budget_s <= 0:
+        p.error(f"--budget-s {args.budget_s:g}: expected a number of seconds > 0")
     if args.phase:
         return run_child(args.phase, args.spec, args.result)
 
@@ -543,7 +545,7 @@ def main(argv=None) -> int:
                 }
                 print(f"gpu_check: {name} skipped: {phases[name]['reason']}", flush=True)
                 continue
-            if left < 30:
+            if left < 30 and name != "probe":  # the probe always runs: it says what ran where
                 phases[name] = {"status": "skipped", "seconds": 0.0,
                                 "reason": f"time budget spent ({left:.0f} s left)"}  # fmt: skip
                 print(f"gpu_check: {name} skipped: {phases[name]['reason']}", flush=True)
@@ -551,7 +553,7 @@ def main(argv=None) -> int:
             result_path = Path(tmp) / f"{name}.json"
             cmd = [sys.executable, "-u", str(Path(__file__).resolve()), "--phase", phase["kind"],
                    "--spec", json.dumps(phase["spec"]), "--result", str(result_path)]  # fmt: skip
-            timeout = min(phase["cap_s"], left)
+            timeout = phase["cap_s"] if name == "probe" else min(phase["cap_s"], left)
             print(f"gpu_check: {name} (limit {timeout:.0f} s)", flush=True)
             outcome = run_phase(cmd, timeout, label=name, env=env)
             if outcome["status"] == "ok":

@@ -128,7 +128,7 @@ def read_ahead(items: Iterable[Any], size: int, *, close_timeout: float = 10.0) 
                 if not put(("item", item)):
                     return
             put(("end", None))
-        except Exception as e:  # noqa: BLE001 -- handed to the caller's thread
+        except BaseException as e:  # noqa: BLE001 -- handed to the caller's thread
             put(("error", e))
 
     thread = threading.Thread(target=produce, name="cnn_jax-read-ahead", daemon=True)

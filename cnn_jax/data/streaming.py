@@ -44,7 +44,7 @@ from cnn_jax.data.loading import (
 )
 from cnn_jax.data.order import steps_per_epoch
 from cnn_jax.data.registry import DatasetInfo, get_dataset_info, resolve_data_dir
-from cnn_jax.errors import DataError
+from cnn_jax.errors import ConfigError, DataError
 
 # Centre crop for evaluation of ImageNet-like data: resize the shorter side to size / 0.875.
 _EVAL_CROP_FRACTION = 0.875
@@ -252,6 +252,10 @@ def train_batches(
     only the crop box of JPEG records (`decode_random_crop`); False decodes whole images and
     slices (the same pixels; for comparisons).
     """
+    for key, value, least in (("prefetch", prefetch, 1), ("threads", threads, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < least):  # fmt: skip
+            raise ConfigError(f"{key}={value!r} is not valid; expected an integer >= {least}")
     tf = _tf.tf()
     info = get_dataset_info(name, config, data_dir=data_dir)
     data_dir = resolve_data_dir(data_dir, config)

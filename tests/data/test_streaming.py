@@ -214,6 +214,14 @@ def test_jpeg_folder_streams_fused_crops_like_unfused_and_resumes(jpeg_dir):
         assert np.array_equal(x["image"], y["image"]) and np.array_equal(x["label"], y["label"])
 
 
+@pytest.mark.parametrize("bad", [{"prefetch": 0}, {"threads": 0}, {"threads": 1.5}])
+def test_bad_read_ahead_or_thread_count_is_refused_by_name(bad):
+    from cnn_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{next(iter(bad))}=.*expected an integer >= 1"):
+        next(train_batches("synthetic", batch_size=4, seed=0, **bad))
+
+
 def test_pipelines_run_on_a_private_pool_sized_to_the_host():
     from cnn_jax.data.streaming import host_threads, pipeline_options
 
