@@ -94,6 +94,7 @@ def measure(model, batch_size, steps, windows, *, torch_device, threads, dtype, 
         for t, b in extra_benches.items():
             extra_windows[t].append(b.run_window())
     row = jax_bench.result(jax_windows)
+    row["lowered_flops_per_step"] = lowered_step_flops(jax_bench)
     if plain_bench is not None:
         plain_ips = steps * batch_size / statistics.median(plain_windows)
         row.update(plain_images_per_sec=plain_ips,
@@ -125,6 +126,30 @@ def measure(model, batch_size, steps, windows, *, torch_device, threads, dtype, 
     del jax_bench, plain_bench, torch_bench, extra_benches
     gc.collect()
     return row
+
+
+def lowered_step_flops(bench) -> float | None:
+    """FLOPs of one train step of a `TrainBenchmark` from XLA's cost analysis of the lowered
+    (unoptimised) program: no compilation, and a cross-check of the compiled count that
+    `TrainBenchmark.result` uses for MFU on accelerators."""
+    import jax
+    import jax.numpy as jnp
+
+    from cnn_jax.train import steps as steps_lib
+
+    step = steps_lib.make_train_step(bench.model, bench.tx)
+    batch = {"image": jax.ShapeDtypeStruct((bench.batch_size, *bench.input_shape), jnp.float32),
+             "label": jax.ShapeDtypeStruct((bench.batch_size,), jnp.int32)}  # fmt: skip
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                         bench.engine.host(bench.state))  # fmt: skip
+    try:
+        analysis = jax.jit(step).lower(state, batch).cost_analysis()
+    except Exception:  # noqa: BLE001 -- best effort, as in cnn_jax.bench
+        return None
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
 
 
 def fmt(x, spec=".0f"):

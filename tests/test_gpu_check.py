@@ -57,6 +57,7 @@ def test_dry_run_exercises_every_phase(tmp_path):
     assert len(row["window_images_per_sec"]) == len(row["torch_window_images_per_sec"]) == 1
     assert row["images_per_sec"] > 0 and row["torch_images_per_sec"] > 0
     assert row["dtype"] == "bfloat16" and row["flops_per_step"] > 0
+    assert row["flops_compiled_over_lowered"] == pytest.approx(1.0)  # CPU counts the lowered one
     tta = phases["lenet5_mnist"]["result"]
     assert tta["epochs_run"] == 1 and 0 <= tta["final_test_accuracy"] <= 1
     assert tta["num_train"] == 96 and tta["steps_per_epoch"] == 3
@@ -65,6 +66,7 @@ def test_dry_run_exercises_every_phase(tmp_path):
     assert "<!-- gpu_check_dry_run:start -->" in table and "DRY RUN" in table
     assert "| simple_convnet (dry-run stand-in for resnet50) | 16x16x3 | 4 |" in table
     assert "| vgg16 | 32x32x3 | 134,301,514 | 134,301,514 | True |" in table
+    assert "XLA's FLOPs per training image: simple_convnet" in table
     assert (_digest(results_md), sorted(os.listdir(REPO / "benchmarks" / "results"))) == before
 
 
