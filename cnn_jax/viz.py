@@ -300,3 +300,370 @@ def plot_shift_robustness(table: Mapping[str, Mapping[Any, float]], path: str | 
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Understanding a network: every channel of a layer, dense layers, overlays, top patches
+# --------------------------------------------------------------------------------------------------
+
+
+def _save_laid_out(fig: Figure, path: str | Path) -> Path:
+    """`_save` for figures with a constrained layout, which places the titles and colour bars
+    itself (a tight bounding box would measure every artist again: seconds for a grid)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def _strip_batch(a: Any, ndim: int) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float32)
+    return a[0] if a.ndim == ndim + 1 and a.shape[0] == 1 else a
+
+
+def _colour_scale(a: np.ndarray) -> tuple[str, float, float]:
+    """(colour map, vmin, vmax): signed values on a diverging map centred at 0, non-negative
+    ones (rectified maps) from 0 on a sequential map."""
+    lo, hi = float(np.min(a)), float(np.max(a))
+    if lo < 0:
+        m = max(-lo, hi, 1e-12)
+        return "RdBu_r", -m, m
+    return "magma", 0.0, max(hi, 1e-12)
+
+
+def _page_paths(path: str | Path, pages: int) -> list[Path]:
+    path = Path(path)
+    if pages == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-page{p + 1}{path.suffix}") for p in range(pages)]
+
+
+def plot_channel_pages(
+    maps: Mapping[str, Any],
+    path: str | Path,
+    *,
+    per_page: int = 64,
+    ncols: int = 8,
+    title: str | None = None,
+) -> list[Path]:
+    """Every channel of one layer, `per_page` channels to a page, for one or more versions of
+    the layer's output side by side (e.g. {'block1/conv1': before, 'block1/conv1:act': after
+    the activation}). maps: name -> [H, W, C] (a leading batch axis of 1 is dropped), all with
+    the same C. Each version is drawn on one colour scale per page (a colour bar says which:
+    signed values diverge from 0, rectified ones start at 0), each tile labelled by channel.
+
+    Writes `path` when everything fits one page, else PATH-page1.png, PATH-page2.png, ...;
+    returns the written paths."""
+    arrays = {name: _strip_batch(a, 3) for name, a in maps.items()}
+    if not arrays:
+        raise ValueError("plot_channel_pages: no maps given")
+    channels = {a.shape[-1] for a in arrays.values() if a.ndim == 3}
+    if len(channels) != 1 or any(a.ndim != 3 for a in arrays.values()):
+        shapes = {n: a.shape for n, a in arrays.items()}
+        raise ValueError(f"plot_channel_pages: expected [H, W, C] maps with one C, got {shapes}")
+    (c,) = channels
+    per_page = max(1, int(per_page))
+    pages = math.ceil(c / per_page)
+    written = []
+    for page, out in enumerate(_page_paths(path, pages)):
+        first, last = page * per_page, min(c, (page + 1) * per_page)
+        n = last - first
+        nrows, cols = _grid(n, min(ncols, n))
+        h, w = next(iter(arrays.values())).shape[:2]
+        tile = 1.3 if cols > 4 else 1.8
+        width, section_h = tile * cols + 1.0, (tile * h / w + 0.25) * nrows + 0.5
+        fig = _new_figure(width, section_h * len(arrays) + 0.5)
+        heading = f"channels {first}-{last - 1} of {c}" + (
+            f" (page {page + 1} of {pages})" if pages > 1 else ""
+        )
+        # Placed by hand (a layout engine takes seconds for a grid): the first row holds the
+        # page's heading, then one block per version, its tiles left and its colour bar right.
+        subfigs = fig.subfigures(
+            len(arrays) + 1, 1, height_ratios=[0.5] + [section_h] * len(arrays)
+        )
+        subfigs[0].text(
+            0.5, 0.5, f"{title}: {heading}" if title else heading, ha="center", va="center",
+            fontsize=11,
+        )  # fmt: skip
+        right = 1 - 0.9 / width
+        for sub, (name, a) in zip(subfigs[1:], arrays.items()):
+            cmap, vmin, vmax = _colour_scale(a[..., first:last])
+            grid = {"left": 0.1 / width, "right": right, "bottom": 0.05 / section_h,
+                    "top": 1 - 0.45 / section_h, "wspace": 0.08, "hspace": 0.25}  # fmt: skip
+            axes = sub.subplots(nrows, cols, squeeze=False, gridspec_kw=grid)
+            image = None
+            for i, ax in enumerate(axes.flat):
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i >= n:
+                    ax.set_visible(False)
+                    continue
+                image = ax.imshow(
+                    a[:, :, first + i], cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest"
+                )
+                ax.set_title(str(first + i), fontsize=7, pad=2)
+            bar = sub.add_axes((right + 0.25 / width, grid["bottom"] + 0.05, 0.12 / width, 0.7))
+            sub.colorbar(image, cax=bar).ax.tick_params(labelsize=7)
+            sub.suptitle(f"{name}  {h}x{w}x{c}", fontsize=9)
+        written.append(_save_laid_out(fig, out))
+    return written
+
+
+def plot_dense_layers(
+    values: Mapping[str, Any],
+    path: str | Path,
+    *,
+    title: str | None = None,
+    class_names: Sequence[str] | None = None,
+) -> Path:
+    """Fully connected layers as bars, one row per layer, one bar per unit (its value for one
+    image). values: name -> [D] (a leading batch axis of 1 is dropped). A layer with as many
+    units as `class_names` is labelled with them and its largest unit highlighted."""
+    rows = {name: _strip_batch(v, 1) for name, v in values.items()}
+    if not rows or any(v.ndim != 1 for v in rows.values()):
+        raise ValueError(
+            f"plot_dense_layers: expected vectors [D], got { {n: v.shape for n, v in rows.items()} }"
+        )
+    width, height = max(6.0, min(16.0, 0.06 * max(map(len, rows.values())) + 4)), 1.9 * len(rows)
+    fig = _new_figure(width, height + 0.4)
+    fig.subplots_adjust(
+        left=0.8 / width, right=1 - 0.2 / width, top=1 - 0.7 / (height + 0.4),
+        bottom=0.35 / (height + 0.4), hspace=0.65,
+    )  # fmt: skip
+    for r, (name, v) in enumerate(rows.items()):
+        ax = fig.add_subplot(len(rows), 1, r + 1)
+        labelled = class_names is not None and len(class_names) == len(v)
+        colours = ["C1" if labelled and i == int(v.argmax()) else "C0" for i in range(len(v))]
+        ax.bar(np.arange(len(v)), v, color=colours, width=0.8)
+        ax.axhline(0, color="k", linewidth=0.5)
+        ax.set_xlim(-0.6, len(v) - 0.4)
+        if labelled:
+            ax.set_xticks(range(len(v)), [str(n) for n in class_names], fontsize=8)
+        else:
+            ax.tick_params(axis="x", labelsize=7)
+        ax.set_ylabel("value", fontsize=8)
+        ax.set_title(f"{name}: {len(v)} units", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return _save_laid_out(fig, path)
+
+
+def _image_for_overlay(image: Any) -> tuple[np.ndarray, str | None]:
+    a, cmap = _display(_strip_batch(image, 3))
+    return a, cmap
+
+
+def plot_overlays(
+    image: Any,
+    maps: Mapping[str, Any],
+    path: str | Path,
+    *,
+    title: str | None = None,
+    alpha: float = 0.55,
+    colorbar_labels: Mapping[str, str] | None = None,
+) -> Path:
+    """The image, then each map [H, W] drawn over it (colour = the map's value, with a colour
+    bar labelled from `colorbar_labels`), side by side: saliency, SmoothGrad, Grad-CAM,
+    occlusion sensitivity."""
+    if not maps:
+        raise ValueError("plot_overlays: no maps given")
+    base, cmap = _image_for_overlay(image)
+    labels = dict(colorbar_labels or {})
+    n = len(maps) + 1
+    fig = _new_figure(3.3 * n, 3.4)
+    fig.set_layout_engine("constrained")
+    ax = fig.add_subplot(1, n, 1)
+    ax.imshow(base, cmap=cmap, interpolation="nearest")
+    ax.set_title("input", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for i, (name, m) in enumerate(maps.items()):
+        m = np.asarray(m, np.float32)
+        if m.shape != base.shape[:2]:
+            raise ValueError(
+                f"plot_overlays: map {name!r} is {m.shape}, the image {base.shape[:2]}"
+            )
+        ax = fig.add_subplot(1, n, i + 2)
+        ax.imshow(
+            base.mean(axis=-1) if base.ndim == 3 else base, cmap="gray", interpolation="nearest"
+        )
+        lo, hi = float(m.min()), float(m.max())
+        if lo < 0:
+            lim = max(-lo, hi, 1e-12)
+            im = ax.imshow(
+                m, cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=alpha, interpolation="bilinear"
+            )
+        else:
+            im = ax.imshow(
+                m, cmap="jet", vmin=0, vmax=max(hi, 1e-12), alpha=alpha, interpolation="bilinear"
+            )
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+        if name in labels:
+            bar.set_label(labels[name], fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save_laid_out(fig, path)
+
+
+def plot_occlusion(
+    image: Any,
+    probs: Any,
+    tops: Sequence[int],
+    lefts: Sequence[int],
+    size: int,
+    base: float,
+    path: str | Path,
+    *,
+    class_name: str = "",
+    title: str | None = None,
+) -> Path:
+    """Zeiler & Fergus' occlusion figure: the image with the grey square at the position that
+    hurts most, and the class probability for every position of the square's centre (colour
+    bar 0..1), unoccluded probability in the title."""
+    base_img, cmap = _image_for_overlay(image)
+    p = np.asarray(probs, np.float32)
+    h, w = base_img.shape[:2]
+    tops, lefts = np.asarray(tops), np.asarray(lefts)
+    fig = _new_figure(7.6, 3.8)
+    fig.set_layout_engine("constrained")
+    ax = fig.add_subplot(1, 2, 1)
+    ax.imshow(base_img, cmap=cmap, interpolation="nearest")
+    i, j = np.unravel_index(int(p.argmin()), p.shape)
+    from matplotlib.patches import Rectangle
+
+    ax.add_patch(
+        Rectangle((lefts[j] - 0.5, tops[i] - 0.5), size, size, facecolor="0.5", edgecolor="red")
+    )
+    ax.set_title(f"square {size}x{size} where p is lowest ({p.min():.3f})", fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax = fig.add_subplot(1, 2, 2)
+    half = (size - 1) / 2
+    extent = (
+        lefts[0] + half - 0.5,
+        lefts[-1] + half + 0.5,
+        tops[-1] + half + 0.5,
+        tops[0] + half - 0.5,
+    )
+    ax.imshow(
+        base_img.mean(axis=-1) if base_img.ndim == 3 else base_img,
+        cmap="gray",
+        extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+    )
+    im = ax.imshow(
+        p, cmap="jet", vmin=0, vmax=1, extent=extent, alpha=0.75, interpolation="nearest"
+    )
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
+    ax.set_title(f"p({class_name}) with the square centred here", fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    bar.set_label(f"p({class_name})", fontsize=8)
+    fig.suptitle(
+        (f"{title}: " if title else "") + f"occlusion, p({class_name}) = {base:.3f} unoccluded",
+        fontsize=10,
+    )
+    return _save_laid_out(fig, path)
+
+
+def _signed_display(a: np.ndarray) -> np.ndarray:
+    """A projection (gradient) [H, W, C] shown around mid-grey: 0.5 + a / (2 max|a|)."""
+    a = np.asarray(a, np.float32)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    m = float(np.abs(a).max())
+    return np.clip(0.5 + a / (2 * m), 0, 1) if m > 0 else np.full_like(a, 0.5)
+
+
+def plot_top_patches(
+    patches: Sequence[Sequence[Any]],
+    path: str | Path,
+    *,
+    row_labels: Sequence[str],
+    projections: Sequence[Sequence[Any]] | None = None,
+    projection_name: str = "guided backprop",
+    title: str | None = None,
+    per_page: int = 16,
+) -> list[Path]:
+    """Zeiler & Fergus' figure: one row per channel, its top-k dataset patches (each cropped to
+    the unit's receptive field; tiles labelled by rank) and, with `projections`, the same
+    patches' projections to pixel space (mid-grey = 0). patches[row][j]: [h, w] or [h, w, C].
+    Writes `per_page` rows per page (PATH-page1.png, ... when more); returns the paths."""
+    if len(patches) == 0 or len(patches) != len(row_labels):
+        raise ValueError(f"plot_top_patches: {len(patches)} rows but {len(row_labels)} labels")
+    k = max(len(r) for r in patches)
+    blocks = 2 if projections is not None else 1
+    cols = k * blocks + (1 if blocks == 2 else 0)  # an empty column between the blocks
+    pages = math.ceil(len(patches) / per_page)
+    written = []
+    for page, out in enumerate(_page_paths(path, pages)):
+        rows = range(page * per_page, min(len(patches), (page + 1) * per_page))
+        width, height = 1.0 * cols + 1.4, 1.05 * len(rows) + 0.9
+        fig = _new_figure(width, height)
+        fig.subplots_adjust(
+            left=1.3 / width, right=1 - 0.1 / width, top=1 - 0.7 / height,
+            bottom=0.1 / height, wspace=0.1, hspace=0.15,
+        )  # fmt: skip
+        for r_i, r in enumerate(rows):
+            for j in range(k):
+                for block in range(blocks):
+                    col = j + block * (k + 1)
+                    ax = fig.add_subplot(len(rows), cols, r_i * cols + col + 1)
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                    if j >= len(patches[r]):
+                        ax.set_visible(False)
+                        continue
+                    if block == 0:
+                        a, cmap = _display(patches[r][j])
+                        ax.imshow(a, cmap=cmap, interpolation="nearest")
+                    else:
+                        a = _signed_display(projections[r][j])
+                        cmap = "gray" if a.ndim == 2 else None
+                        ax.imshow(a, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+                    if r_i == 0:
+                        name = "patch" if block == 0 else projection_name
+                        ax.set_title(f"{name} {j + 1}" if j == 0 else str(j + 1), fontsize=7)
+                    if col == 0:
+                        ax.set_ylabel(
+                            row_labels[r], fontsize=8, rotation=0, ha="right", va="center"
+                        )
+        note = f"rows {rows[0] + 1}-{rows[-1] + 1} of {len(patches)}" if pages > 1 else ""
+        heading = ", ".join(t for t in (title, note) if t)
+        if heading:
+            fig.suptitle(heading, fontsize=10)
+        written.append(_save_laid_out(fig, out))
+    return written
+
+
+def plot_receptive_fields(
+    image: Any, boxes: Mapping[str, Sequence[int]], path: str | Path, *, title: str | None = None
+) -> Path:
+    """The input with the region one unit of each layer sees drawn as a rectangle, labelled in
+    the legend. boxes: label (e.g. 'block2/conv1 (14x14)') -> (top, left, bottom, right), bottom
+    and right exclusive."""
+    from matplotlib.patches import Rectangle
+
+    base, cmap = _image_for_overlay(image)
+    fig = _new_figure(5.5, 4.4)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(base, cmap=cmap, interpolation="nearest")
+    for i, (name, (top, left, bottom, right)) in enumerate(boxes.items()):
+        ax.add_patch(
+            Rectangle(
+                (left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
+                edgecolor=f"C{i % 10}", linewidth=2,
+                label=name,
+            )
+        )  # fmt: skip
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, title="receptive field")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)

@@ -211,3 +211,79 @@ def test_filters_and_probabilities_say_what_they_leave_out(tmp_path, figures):
     viz.plot_probabilities(p[:10], [str(i) for i in range(10)], tmp_path / "q.png")
     ax = figures[3].axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == [str(i) for i in range(10)]
+
+
+@pytest.fixture
+def laid_out(monkeypatch):
+    """The Figures the understanding pictures save (constrained layout), in order."""
+    saved, real_save = [], viz._save_laid_out
+
+    def save(fig, path):
+        saved.append(fig)
+        return real_save(fig, path)
+
+    monkeypatch.setattr(viz, "_save_laid_out", save)
+    return saved
+
+
+def test_channel_pages_show_every_channel_before_and_after_the_activation(tmp_path, laid_out):
+    """20 channels at 8 a page: 3 pages, every channel once per version, each tile numbered,
+    a colour bar per version: diverging around 0 before the ReLU, from 0 after it."""
+    before = rng.normal(size=(1, 6, 6, 20))
+    maps = {"conv1": before, "conv1:act": np.maximum(before, 0)}
+    paths = viz.plot_channel_pages(maps, tmp_path / "conv1.png", per_page=8, title="image 3")
+    assert [p.name for p in paths] == [f"conv1-page{i}.png" for i in (1, 2, 3)]
+    for path in paths:
+        assert_png(path)
+    shown = {}
+    for page, fig in enumerate(laid_out):
+        heading, *versions = fig.subfigs
+        assert heading.texts[0].get_text() == (
+            f"image 3: channels {8 * page}-{min(8 * page + 7, 19)} of 20 (page {page + 1} of 3)"
+        )
+        for version, name in zip(versions, maps):
+            assert version._suptitle.get_text() == f"{name}  6x6x20"
+            tiles = [ax for ax in version.axes if ax.get_visible() and ax.images and ax.get_title()]
+            shown.setdefault(name, []).extend(int(ax.get_title()) for ax in tiles)
+            (bar,) = [ax for ax in version.axes if not ax.get_title()]  # the colour bar
+            low, high = tiles[0].images[0].get_clim()
+            assert (low < 0 and low == -high) if name == "conv1" else low == 0
+            assert bar.get_ylim() == pytest.approx((low, high))
+    assert shown == {"conv1": list(range(20)), "conv1:act": list(range(20))}
+    path = tmp_path / "one.png"
+    assert viz.plot_channel_pages({"c": before[0, :, :, :5]}, path) == [path]
+    with pytest.raises(ValueError, match="one C"):
+        viz.plot_channel_pages({"a": before, "b": before[..., :4]}, tmp_path / "x.png")
+
+
+def test_dense_layers_overlays_occlusion_patches_and_fields(tmp_path, laid_out):
+    path = viz.plot_dense_layers(
+        {"hidden": rng.normal(size=(1, 12)), "logits": np.arange(3.0)}, tmp_path / "dense.png",
+        class_names=["a", "b", "c"],
+    )  # fmt: skip
+    assert_png(path)
+    image = rng.random((16, 16, 1))
+    maps = {"saliency": rng.random((16, 16)), "signed": rng.normal(size=(16, 16))}
+    assert_png(
+        viz.plot_overlays(image, maps, tmp_path / "o.png", colorbar_labels={"saliency": "|g|"})
+    )
+    fig = laid_out[-1]
+    assert [ax.get_title() for ax in fig.axes[:1]] == ["input"]
+    assert "|g|" in [ax.get_ylabel() for ax in fig.axes]
+    with pytest.raises(ValueError, match="map 'x' is"):
+        viz.plot_overlays(image, {"x": np.zeros((8, 8))}, tmp_path / "bad.png")
+    probs = np.ones((3, 3))
+    probs[1, 2] = 0.25
+    viz.plot_occlusion(image, probs, [0, 4, 8], [0, 4, 8], 8, 0.99, tmp_path / "occ.png",
+                       class_name="7")  # fmt: skip
+    left = laid_out[-1].axes[0]
+    (square,) = left.patches
+    assert square.get_xy() == (8 - 0.5, 4 - 0.5) and left.get_title().endswith("(0.250)")
+    patches = [[rng.random((5, 5)), rng.random((3, 5))] for _ in range(3)]
+    paths = viz.plot_top_patches(
+        patches, tmp_path / "top.png", row_labels=["ch 0", "ch 1", "ch 2"], projections=patches,
+        per_page=2,
+    )  # fmt: skip
+    assert [p.name for p in paths] == ["top-page1.png", "top-page2.png"]
+    boxes = {"conv1": (3, 3, 8, 8), "conv2": (0, 0, 14, 14)}
+    assert_png(viz.plot_receptive_fields(image, boxes, tmp_path / "rf.png"))
