@@ -542,7 +542,10 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
     workdir = _existing_workdir(args.workdir)
     if args.out:
-        _check_output_folder("--out", Path(args.out), is_folder=args.what == "feature-maps")
+        folder = args.what in ("feature-maps", "activations", "top-patches")
+        _check_output_folder("--out", Path(args.out), is_folder=folder)
+    if args.what in EXPLAIN_VIEWS:
+        return _cmd_explain(args, workdir)
     if args.what == "curves":
         metrics = workdir / "metrics.jsonl"
         if not metrics.exists():
@@ -565,18 +568,210 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         return 0
 
     outdir = Path(args.out) if args.out else workdir / "pictures"
-    if args.image:
-        shape = predict.model_input(config)["native_shape"]
-        image, title = (
-            _read_matching_images(config, [args.image], shape, args.polarity)[0],
-            args.image,
-        )
-    else:
-        image, label, index = predict.sample_test_image(config, args.label, args.index)
-        names = predict.model_input(config)["class_names"]
-        title = f"test image {index} (label {names[label]})"
+    image, title = _chosen_image(args, config)
     written = predict.save_feature_pictures(config, model, variables, outdir, image, title)
     _out(*(f"wrote {p}" for p in written.values()))
+    return 0
+
+
+EXPLAIN_VIEWS = {
+    "activations": "every channel of every layer for one image, before and after the "
+    "activation (paginated), and the fully connected layers as bars",
+    "saliency": "why this prediction: the input gradient and SmoothGrad over the image",
+    "grad-cam": "why this prediction: Grad-CAM at a conv layer and Guided Grad-CAM",
+    "occlusion": "why this prediction: the class probability as a grey square is swept over "
+    "the image",
+    "top-patches": "what a channel responds to: its top-k dataset patches (cropped to the "
+    "receptive field) and their projections to pixel space",
+    "maximize": "what a channel responds to: inputs optimised to excite it",
+}
+
+
+def _explain_parsers(vis_sub, checkpoint_arg, polarity_args) -> None:
+    """The `visualize` subcommands of `_cmd_explain` (cnn_jax.explain)."""
+    for what, help in EXPLAIN_VIEWS.items():
+        q = vis_sub.add_parser(what, help=help, description=help)
+        q.set_defaults(func=cmd_visualize)
+        q.add_argument("--workdir", required=True, help="the training folder")
+        folder = what in ("activations", "top-patches")
+        q.add_argument(
+            "--out",
+            help=f"output {'folder' if folder else 'PNG'} (default: WORKDIR/pictures/"
+            f"{what.replace('-', '_')}{'' if folder else '.png'})",
+        )
+        checkpoint_arg(q)
+        if what in ("activations", "saliency", "grad-cam", "occlusion"):
+            q.add_argument("--image", help="a PNG/JPEG file (default: a test image)")
+            polarity_args(q)
+            q.add_argument("--index", type=int, help="test image index (default: the first '8')")
+            q.add_argument("--label", default="8", help="class name of the test image (default: 8)")
+        if what in ("saliency", "grad-cam", "occlusion"):
+            q.add_argument(
+                "--class",
+                dest="target",
+                metavar="CLASS",
+                help="the class to explain, a name or index (default: the predicted class)",
+            )
+        layer_help = {
+            "activations": "a layer to draw (repeatable; default: every layer)",
+            "grad-cam": "the layer (default: the last rectified conv map)",
+            "top-patches": "the layer (default: the last rectified conv map)",
+            "maximize": "the layer (default: the output, one image per class); pre-activation "
+            "layers ('block1/conv1') work best",
+        }
+        if what in layer_help:
+            q.add_argument(
+                "--layer",
+                action="append" if what == "activations" else "store",
+                metavar="NAME",
+                help=f"{layer_help[what]}; an unknown name lists the model's layers",
+            )
+        if what == "activations":
+            q.add_argument("--per-page", type=_positive_int, default=64, metavar="N",
+                           help="channels per page (default: 64)")  # fmt: skip
+        if what == "saliency":
+            q.add_argument("--samples", type=_positive_int, default=32, metavar="N",
+                           help="SmoothGrad's noisy copies (default: 32)")  # fmt: skip
+        if what == "occlusion":
+            q.add_argument("--size", type=_positive_int, metavar="PIXELS",
+                           help="the square's side (default: a quarter of the image)")  # fmt: skip
+            q.add_argument("--stride", type=_positive_int, metavar="PIXELS",
+                           help="its step (default: a quarter of the size)")  # fmt: skip
+        if what in ("top-patches", "maximize"):
+            q.add_argument(
+                "--channels",
+                type=_index_list,
+                metavar="I,J,...",
+                help="channels to draw (default: all for top-patches, the first 10 for maximize)",
+            )
+        if what == "top-patches":
+            q.add_argument("-k", type=_positive_int, default=9, metavar="K",
+                           help="patches per channel (default: 9)")  # fmt: skip
+            q.add_argument("--rule", choices=("guided", "deconvnet"), default="guided",
+                           help="projection to pixel space (default: guided backprop)")  # fmt: skip
+            q.add_argument("--split", help="dataset split (default: the test split)")
+            q.add_argument("--max-images", type=_positive_int, default=10000, metavar="N",
+                           help="the first N images of the split (default: 10000)")  # fmt: skip
+        if what == "maximize":
+            q.add_argument("--steps", type=_positive_int, default=200, metavar="N",
+                           help="optimisation steps (default: 200)")  # fmt: skip
+
+
+def _index_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected indices like 0,1,5, got {text!r}")
+    return values
+
+
+def _class_index(text: str | None, names: list[str]) -> int | None:
+    """--class as a class index: a class name, or an index into the classes."""
+    if text is None:
+        return None
+    if text in names:
+        return names.index(text)
+    if text.isdigit() and int(text) < len(names):
+        return int(text)
+    shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+    raise ConfigError(
+        f"--class {text!r} is not a class of this model; expected a name ({shown}) or an index "
+        f"0..{len(names) - 1}"
+    )
+
+
+def _chosen_image(args: argparse.Namespace, config) -> tuple[Any, str]:
+    """The uint8 [H, W, C] image `visualize` draws (--image, else test image --index / --label)
+    and its title."""
+    from cnn_jax import predict
+
+    if args.image:
+        shape = predict.model_input(config)["native_shape"]
+        return _read_matching_images(config, [args.image], shape, args.polarity)[0], args.image
+    image, label, index = predict.sample_test_image(config, args.label, args.index)
+    names = predict.model_input(config)["class_names"]
+    return image, f"test image {index} (label {names[label]})"
+
+
+def _cmd_explain(args: argparse.Namespace, workdir: Path) -> int:
+    """visualize activations | saliency | grad-cam | occlusion | top-patches | maximize."""
+    import numpy as np
+
+    from cnn_jax import explain, predict
+    from cnn_jax.train import load
+
+    model, variables, config = load(workdir, args.checkpoint)
+    names = predict.model_input(config)["class_names"]
+    name = args.what.replace("-", "_")
+    out = Path(args.out) if args.out else workdir / "pictures" / name
+    if args.what in ("top-patches", "maximize"):
+        from cnn_jax.data import get_dataset_info, load_split_arrays
+
+        info = get_dataset_info(config.dataset.name, config)
+        split = args.split if args.what == "top-patches" and args.split else None
+        split = split or config.dataset.eval_split or info.test_split
+        classes = list(config.dataset.classes) or None
+        images, _ = load_split_arrays(config.dataset.name, split, config=config, classes=classes)
+        if args.what == "top-patches":
+            images = images[: args.max_images]
+        x = np.concatenate([
+            np.asarray(predict.preprocess_for_model(config, images[i : i + 512]))
+            for i in range(0, len(images), 512)
+        ])  # fmt: skip
+        run = f"{config.model.name} on {config.dataset.name}"
+        if args.what == "top-patches":
+            shapes = explain.layer_shapes(model, variables, x[:1])
+            layer = args.layer or explain.default_cam_layer(shapes)
+            paths, _ = explain.save_top_patches(
+                model, variables, x, out / f"{explain.layer_file_name(layer)}.png", layer=layer,
+                k=args.k, channels=args.channels, rule=args.rule, title=f"{run}, {split} split",
+            )  # fmt: skip
+            _out(*(f"wrote {p}" for p in paths))
+            return 0
+        if args.layer is None:
+            channels = args.channels or list(range(min(10, len(names))))
+            labels = [names[c] if c < len(names) else str(c) for c in channels]
+        else:
+            channels, labels = args.channels or list(range(10)), None
+        # the range of real inputs (per channel), so the optimised image stays a possible input
+        value_range = (x.min(axis=(0, 1, 2)), x.max(axis=(0, 1, 2)))
+        path = explain.save_maximized(
+            model, variables, x.shape[1:], out.with_suffix(".png") if not args.out else out,
+            layer=args.layer, channels=channels, names=labels, title=run, steps=args.steps,
+            value_range=value_range,
+        )  # fmt: skip
+        _out(f"wrote {path}")
+        return 0
+
+    image, title = _chosen_image(args, config)
+    x = predict.preprocess_for_model(config, np.asarray(image)[None])
+    if args.what == "activations":
+        paths = explain.save_activations(
+            model, variables, x, out, layers=args.layer, per_page=args.per_page, title=title,
+            class_names=names,
+        )  # fmt: skip
+        _out(*(f"wrote {p}" for p in paths))
+        return 0
+    target = _class_index(args.target, names)
+    if target is None:
+        target = int(explain.logits(model, variables, x)[0].argmax())
+    path = out if args.out else out.with_suffix(".png")
+    common = {"target": target, "class_name": names[target], "title": title}
+    if args.what == "saliency":
+        path = explain.save_saliency(model, variables, x, path, samples=args.samples, **common)
+    elif args.what == "grad-cam":
+        path = explain.save_grad_cam(model, variables, x, path, layer=args.layer, **common)
+    else:
+        path, occ = explain.save_occlusion(
+            model, variables, x, path, size=args.size, stride=args.stride, **common
+        )
+        _out(
+            f"p({names[target]}) = {occ.base:.3f} unoccluded, {float(occ.probs.min()):.3f} with "
+            f"the {occ.size}x{occ.size} square at its worst place"
+        )
+    _out(f"wrote {path}")
     return 0
 
 
@@ -905,6 +1100,7 @@ def build_parser() -> argparse.ArgumentParser:
             polarity_args(q)
             q.add_argument("--index", type=int, help="test image index (default: the first '8')")
             q.add_argument("--label", default="8", help="class name of the test image (default: 8)")
+    _explain_parsers(vis_sub, checkpoint_arg, polarity_args)
 
     p = add(
         "explore",
@@ -918,7 +1114,7 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint_arg(p)
 
     p = add("run", "run a script experiment from experiments/ (e.g. filters, mlp_vs_cnn)", cmd_run)
-    p.add_argument("script", metavar="SCRIPT", help="filters, feature_maps or mlp_vs_cnn")
+    p.add_argument("script", metavar="SCRIPT", help="filters, feature_maps, mlp_vs_cnn or gallery")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the script's own options (see --help)")
 
     if importlib.util.find_spec("cnn_jax.bench") is not None:
