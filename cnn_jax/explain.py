@@ -17,8 +17,10 @@ module layer1_0 to a value no module returned (a residual sum, for instance).
   * what a filter responds to (Zeiler & Fergus): `top_units` (the top-k dataset images per
     channel with the position of the strongest unit and its receptive-field box), `project`
     (guided backpropagation / deconvnet projection of a unit to pixel space, through a ReLU
-    with a `jax.custom_vjp` backward pass), `maximize_activation` (an input optimised to
-    excite a channel, with jitter and blur regularisation).
+    with a `jax.custom_vjp` backward pass), `maximize_activations` (inputs optimised to excite
+    channels, with jitter and blur regularisation);
+  * pictures (`save_*`, drawn with `cnn_jax.viz`): what `cnn-jax visualize` and the gallery
+    experiment write.
 
 Class scores are logits (before the softmax), as in Simonyan et al. and Grad-CAM; occlusion
 records softmax probabilities, as Zeiler & Fergus did.
@@ -184,12 +186,20 @@ def check_layer(shapes: dict[str, tuple[int, ...]], layer: str, what: str = "lay
 
 def default_cam_layer(shapes: dict[str, tuple[int, ...]]) -> str:
     """Grad-CAM's usual layer: the last rectified map with more than one position (the last
-    conv's, before the head), else the last layer with spatial maps."""
+    conv's, before the head), or the block that merges it with maps of the same size (an
+    Inception module's concatenation); else the last layer with spatial maps."""
     spatial = [n for n, s in shapes.items() if len(s) == 4 and s[1] * s[2] > 1]
     if not spatial:
         raise ConfigError("the model has no layer with spatial maps [N, H, W, C] for Grad-CAM")
     rectified = [n for n in spatial if ACT_SUFFIX in n]
-    return (rectified or spatial)[-1]
+    layer = (rectified or spatial)[-1]
+    parts = layer.split(ACT_SUFFIX)[0].split("/")
+    for depth in range(len(parts) - 1, 0, -1):  # outwards, while the maps keep their size
+        container = "/".join(parts[:depth])
+        if container not in spatial or shapes[container][1:3] != shapes[layer][1:3]:
+            break
+        layer = container
+    return layer
 
 
 def _capture_core(model, names, variables, x):

@@ -173,6 +173,31 @@ def test_activations_of_every_layer_before_and_after_the_activation(lenet):
         explain.activations(model, variables, x, ["block1/conv"])
 
 
+def test_grad_cams_default_layer():
+    """The last rectified map before the head; an Inception module's concatenation rather than
+    its last branch; never a pooled map when the conv's is finer."""
+    lenet = {
+        "block2/conv1": (1, 10, 10, 16),
+        "block2/conv1:act": (1, 10, 10, 16),
+        "block2/pool": (1, 5, 5, 16),
+        "block2": (1, 5, 5, 16),
+        "head/hidden1": (1, 120),
+    }
+    assert explain.default_cam_layer(lenet) == "block2/conv1:act"
+    inception = {
+        "inc/branch1/bn:act": (1, 7, 7, 64),
+        "inc/branch4/bn": (1, 7, 7, 32),
+        "inc/branch4/bn:act": (1, 7, 7, 32),
+        "inc/branch4": (1, 7, 7, 32),
+        "inc": (1, 7, 7, 96),
+        "fc": (1, 10),
+    }
+    assert explain.default_cam_layer(inception) == "inc"
+    assert explain.default_cam_layer({"conv": (1, 4, 4, 2), "pool": (1, 1, 1, 2)}) == "conv"
+    with pytest.raises(ConfigError, match="no layer with spatial maps"):
+        explain.default_cam_layer({"dense": (1, 3)})
+
+
 def test_a_module_with_a_hard_coded_relu():
     """Any Flax module: its modules' outputs are recorded (no ':act' entries without an `act`
     field); guided backprop cannot replace its ReLU and says so; plain gradients work."""
