@@ -94,7 +94,8 @@ class _Recorder:
         def act(x: jax.Array) -> jax.Array:
             source = self._by_id.get(id(x))
             if source is None:  # applied to a value no module returned: name it by its caller
-                source = "/".join(self._stack[-1].path) if self._stack else "model"
+                caller = "/".join(self._stack[-1].path) if self._stack else ""
+                source = caller or "model"
             return self._record(self._unique(source + ACT_SUFFIX), fn(x))
 
         return act
