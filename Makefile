@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install run test test-fast lint bench clean
+.PHONY: install run test test-all test-fast lint bench clean
 
 # Re-installs only when pyproject.toml changes; safe to re-run.
 $(STAMP): pyproject.toml
@@ -22,6 +22,10 @@ run: $(STAMP)
 
 # The whole suite, slow tests included, on 8 forced CPU devices so multi-device code is exercised.
 test: $(STAMP)
+	XLA_FLAGS="--xla_force_host_platform_device_count=8 $(XLA_FLAGS)" $(PY) -m pytest -n 2 --dist loadfile -q -m "not heavy"
+
+# Everything, the heavy tests too (about 6 minutes more on 2 cores).
+test-all: $(STAMP)
 	XLA_FLAGS="--xla_force_host_platform_device_count=8 $(XLA_FLAGS)" $(PY) -m pytest -n 2 --dist loadfile -q
 
 test-fast: $(STAMP)

@@ -131,6 +131,7 @@ def test_config_runs_on_mock_data(tmp_path, capsys, name, extra):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("name, extra", MOCKED_BIG)
 def test_big_config_runs_on_mock_data(tmp_path, name, extra):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
@@ -161,6 +162,7 @@ def test_feature_maps_script_trains_then_draws(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_mlp_vs_cnn_script(tmp_path):
     argv = ["--workdir", str(tmp_path), "--max-steps", "2", "--max-shift", "1", "--set", *TINY]
     assert run_script("mlp_vs_cnn", argv) == 0

@@ -353,6 +353,7 @@ def written(out):
     return paths
 
 
+@pytest.mark.heavy
 def test_gallery_draws_the_figure_set(digits_run, tmp_path, capsys):
     """`cnn-jax run gallery` on a trained LeNet-5 (its workdir under --workdir-root): every
     figure of the set, readable PNGs; MNIST, not imported here, is skipped with a note."""

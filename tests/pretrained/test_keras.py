@@ -76,7 +76,7 @@ def test_converter_checks_the_weights(tmp_path):
         keras_weights.read_keras_weights(tmp_path / "text.h5")
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_parity_with_keras_vgg16_and_vgg19(tmp_path, capsys):
     """Random weights in Keras' own VGGs (TensorFlow back end), the same 224x224 batch through
     Keras and through the converted zoo models: VGG-16 built without its softmax (logits),

@@ -274,7 +274,7 @@ sys.exit(cli.main([*argv, "--max-steps", "3"]))
 """
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_fine_tuning_run_and_resume_through_the_cli(tmp_path):
     """The experiment with a torchvision file (random weights), in a one-device process (the
     8 forced devices of `make test` would compile ResNet-18 for minutes): 2 steps with the

@@ -147,6 +147,7 @@ def _restore_every_checkpoint(workdir) -> list[int]:
     return steps
 
 
+@pytest.mark.heavy
 def test_kill_soak(tmp_path, cache_env, reference):
     """SIGKILL at 10 seeded random moments, 4 of them right after an asynchronous checkpoint
     save has started (its files still being written), restarting each time. (The kill moments

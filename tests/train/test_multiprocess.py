@@ -11,7 +11,7 @@ from train_helpers import config_arg, flatten, run_script, tiny_config
 
 from cnn_jax.train import load_npz
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 CONFIG = config_arg(tiny_config("train.num_epochs=1", "checkpoint.async_save=False"))
 
