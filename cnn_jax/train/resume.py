@@ -19,6 +19,7 @@ from typing import Any
 from cnn_jax import config as config_lib
 from cnn_jax.errors import CheckpointError
 from cnn_jax.train.checkpoints import CHECKPOINT_DIR, CheckpointStore
+from cnn_jax.train.restore import read_config
 from cnn_jax.train.workdir import LOCK_NAME
 
 PREVIOUS_RUNS = "previous-runs"
@@ -81,12 +82,8 @@ def check_config(workdir: Path, config, *, allow_changes: bool) -> dict[str, tup
             "with; resume anyway with --resume-with-changed-config, or use another --workdir"
         )
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read the run config {str(path)!r}: {e}") from None
-    try:
-        saved = config_lib.config_from_json(text, source=str(path))
-    except config_lib.ConfigError as e:
+        saved = read_config(workdir)
+    except (config_lib.ConfigError, CheckpointError) as e:
         if allow_changes:
             return {}
         raise CheckpointError(
